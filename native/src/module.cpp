@@ -1,0 +1,69 @@
+// Python bindings of server._native: the byte-moving hot paths of the batcher and codecs.
+#include "bytes_codec.hpp"
+#include "gather_scatter.hpp"
+#include "gil.hpp"
+#include "numpy_alloc.hpp"
+
+#include <nanobind/nanobind.h>
+#include <nanobind/stl/string.h>
+
+namespace nb = nanobind;
+using namespace nb::literals;
+
+NB_MODULE(_native, m) {
+  m.doc() =
+      "C++ hot paths for Tachyon: batch gather/scatter and KServe v2 BYTES (de)serialization.\n"
+      "Every function takes a whole batch per call, accepts any object exposing the buffer\n"
+      "protocol (bytes, bytearray, memoryview, numpy arrays; read-only is fine), releases the\n"
+      "GIL around copies of at least GIL_RELEASE_THRESHOLD bytes and keeps no reference to\n"
+      "its arguments after returning.";
+
+  tachyon::init_numpy_alloc();
+  m.attr("GIL_RELEASE_THRESHOLD") = tachyon::kGilReleaseBytes;
+
+  m.def("gather", &tachyon::gather, "parts"_a,
+        nb::sig("def gather(parts: collections.abc.Sequence[collections.abc.Buffer]) "
+                "-> numpy.ndarray"),
+        "Concatenate the bytes of C-contiguous buffers into one new 1-D uint8 numpy array.\n\n"
+        "The array owns fresh memory (no copy beyond the concatenation itself); view it as\n"
+        "the batch with ``.view(dtype).reshape(shape)``. An empty sequence gives an empty\n"
+        "array. Non-contiguous buffers raise the exporter's error (BufferError/ValueError);\n"
+        "objects without the buffer protocol (including str) raise TypeError.");
+
+  m.def("gather_into", &tachyon::gather_into, "parts"_a, "out"_a,
+        nb::sig("def gather_into(parts: collections.abc.Sequence[collections.abc.Buffer], "
+                "out: collections.abc.Buffer) -> int"),
+        "Concatenate the bytes of C-contiguous buffers into the writable C-contiguous buffer\n"
+        "``out`` (from its start) and return the number of bytes written. Raises ValueError\n"
+        "naming both sizes when ``out`` is too small; bytes of ``out`` past the returned\n"
+        "count are left untouched.");
+
+  m.def("scatter", &tachyon::scatter, "batch"_a, "sizes"_a,
+        nb::sig("def scatter(batch: collections.abc.Buffer, "
+                "sizes: collections.abc.Sequence[int]) -> list[bytes]"),
+        "Split the C-contiguous buffer ``batch`` into consecutive bytes objects of the given\n"
+        "byte sizes, starting at offset 0. Bytes past the sum of ``sizes`` are ignored.\n"
+        "Raises ValueError naming both numbers when the sizes sum past the buffer length,\n"
+        "and ValueError for a negative size.");
+
+  m.def("encode_bytes", &tachyon::encode_bytes, "items"_a,
+        nb::sig("def encode_bytes(items: collections.abc.Iterable[bytes | bytearray | "
+                "memoryview | str | collections.abc.Buffer] | numpy.ndarray) -> bytes"),
+        "Serialize elements as a KServe v2 / Triton BYTES tensor: per element a 4-byte\n"
+        "little-endian uint32 length, then its bytes. str is encoded as UTF-8; any other\n"
+        "element must expose a C-contiguous buffer (its raw bytes are used). ``items`` may be\n"
+        "any iterable; a numpy array (object, bytes_ or str_ dtype, any shape) is flattened\n"
+        "in C order first. A single bytes/str object is rejected with TypeError.");
+
+  m.def("decode_bytes", &tachyon::decode_bytes, "buf"_a, "count"_a = -1,
+        nb::sig("def decode_bytes(buf: collections.abc.Buffer, count: int = -1) -> list[bytes]"),
+        "Parse a KServe v2 / Triton BYTES tensor into a list of bytes objects.\n\n"
+        "Exactly ``count`` elements are parsed; ``count=-1`` parses as many as the buffer\n"
+        "holds. Raises ValueError when a length prefix is truncated or overruns the buffer,\n"
+        "when the buffer holds fewer than ``count`` elements, or when bytes are left over.");
+
+  m.def("bytes_sizes", &tachyon::bytes_sizes, "buf"_a,
+        nb::sig("def bytes_sizes(buf: collections.abc.Buffer) -> int"),
+        "Number of elements in a BYTES tensor buffer (which must end on an element\n"
+        "boundary), without creating them. Raises ValueError like ``decode_bytes(buf, -1)``.");
+}

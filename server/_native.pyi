@@ -1,0 +1,89 @@
+"""C++ hot paths for Tachyon (``native/``): batch gather/scatter and BYTES (de)serialization.
+
+Every function takes a whole batch per call, accepts any object exposing the buffer protocol
+(bytes, bytearray, memoryview, numpy arrays; read-only buffers are fine), copies with the GIL
+released once a call moves at least ``GIL_RELEASE_THRESHOLD`` bytes, and keeps no reference to
+its arguments after it returns. Reference implementations: ``tests/native_reference.py``.
+"""
+
+from collections.abc import Iterable
+from typing import Any, Final, TypeAlias
+
+import numpy as np
+import numpy.typing as npt
+from typing_extensions import Buffer
+
+GIL_RELEASE_THRESHOLD: Final[int]
+"""Byte count from which a call releases the GIL around its copy loop (65536)."""
+
+_BytesElement: TypeAlias = bytes | bytearray | memoryview | str | Buffer
+
+def gather(parts: Iterable[Buffer]) -> npt.NDArray[np.uint8]:
+    """Concatenate the bytes of C-contiguous buffers into one new 1-D uint8 numpy array.
+
+    The array is writable and owns its memory (allocated by numpy); view it as the batch with
+    ``.view(dtype).reshape(shape)``. An empty sequence gives an empty array.
+
+    Raises:
+        TypeError: an element has no buffer protocol (str included), or ``parts`` is a single
+            bytes/bytearray/memoryview/str object or not iterable.
+        BufferError | ValueError: an element is not C-contiguous (the exporter's error).
+    """
+
+def gather_into(parts: Iterable[Buffer], out: Buffer) -> int:
+    """Concatenate the bytes of C-contiguous buffers into the start of ``out``.
+
+    ``out`` must be a writable C-contiguous buffer (e.g. a preallocated numpy array of any
+    dtype) and must not overlap the parts. Returns the number of bytes written; the rest of
+    ``out`` is left untouched.
+
+    Raises:
+        ValueError: ``out`` is too small ("out holds N bytes but parts need M bytes").
+        BufferError | ValueError | TypeError: ``out`` is read-only or not a buffer.
+    """
+
+def scatter(batch: Buffer, sizes: Iterable[int]) -> list[bytes]:
+    """Split ``batch`` into consecutive bytes objects of the given byte sizes, from offset 0.
+
+    Bytes past the sum of ``sizes`` are ignored. ``sizes`` may hold numpy integers.
+
+    Raises:
+        ValueError: a size is negative, or the sizes sum past the buffer length
+            ("sizes sum to N bytes but the buffer holds only M bytes").
+        TypeError: a size is not an integer.
+        OverflowError: a size does not fit in a ssize_t.
+    """
+
+def encode_bytes(items: Iterable[_BytesElement] | np.ndarray[Any, Any]) -> bytes:
+    """Serialize a KServe v2 / Triton BYTES tensor.
+
+    Per element: a 4-byte little-endian uint32 length, then the bytes (str as UTF-8, other
+    buffers as their raw bytes). ``items`` may be any iterable; a numpy array (object,
+    ``bytes_`` or ``str_`` dtype, any shape) is flattened in C order first.
+
+    Raises:
+        TypeError: an element is neither str nor a buffer, or ``items`` is a single
+            bytes/bytearray/memoryview/str object.
+        UnicodeEncodeError: a str cannot be encoded as UTF-8 (lone surrogates).
+        ValueError: an element exceeds 4294967295 bytes.
+    """
+
+def decode_bytes(buf: Buffer, count: int = -1) -> list[bytes]:
+    """Parse a KServe v2 / Triton BYTES tensor into its elements.
+
+    Exactly ``count`` elements are parsed; ``count=-1`` parses as many as the buffer holds
+    (which must then end on an element boundary).
+
+    Raises:
+        ValueError: with a message naming the element, offset and sizes, when a length prefix
+            is cut short ("element 1 needs a 4-byte length prefix at offset 6 but only 2 bytes
+            remain"), overruns the buffer ("element 3 declares 100 bytes at offset 16 but only
+            5 remain"), the buffer holds fewer elements ("expected 3 elements but only 2 fit in
+            10 bytes") or more bytes ("3 trailing bytes after 2 elements"), or count < -1.
+    """
+
+def bytes_sizes(buf: Buffer) -> int:
+    """Number of elements in a BYTES tensor buffer, without creating them.
+
+    Raises ValueError exactly as ``decode_bytes(buf, -1)`` does.
+    """

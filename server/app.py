@@ -1,0 +1,82 @@
+"""Wires the core to its front ends and runs them on one event loop.
+
+Start order: load the models, then open the ports. Stop order: close the ports to new calls
+(letting in-flight calls finish), then drain the batchers, then unload the models.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+
+import grpc
+
+from server.config import ServerSettings
+from server.dataplane import DataPlane
+from server.grpc import server as grpc_server
+from server.http import server as http_server
+from server.manager import ModelManager
+
+log = logging.getLogger(__name__)
+
+
+class TachyonServer:
+    def __init__(self, settings: ServerSettings) -> None:
+        self.settings = settings
+        self.manager = ModelManager(settings)
+        self.dataplane = DataPlane(settings, self.manager)
+        self._grpc: grpc.aio.Server | None = None
+        self._http_task: asyncio.Task[None] | None = None
+        self._http: object | None = None
+        self._stopped = asyncio.Event()
+
+    async def start(self) -> None:
+        await self.manager.load_repository()
+        self.dataplane.started = True
+        s = self.settings
+        if s.allow_grpc:
+            self._grpc = await grpc_server.start(
+                self.dataplane, s.host, s.grpc_port, s.max_request_bytes
+            )
+        if s.allow_http:
+            http = http_server.make_server(self.dataplane, s.host, s.http_port, s.max_request_bytes)
+            self._http = http
+            self._http_task = asyncio.get_running_loop().create_task(http.serve())
+            while not http.started:
+                if self._http_task.done():
+                    self._http_task.result()
+                    raise OSError(f"HTTP server on {s.host}:{s.http_port} did not start")
+                await asyncio.sleep(0.01)
+            log.info("HTTP listening on %s:%d", s.host, s.http_port)
+        log.info("Tachyon is ready: %d model versions", len(self.manager.entries()))
+
+    async def stop(self, grace: float = 10.0) -> None:
+        if self._grpc is not None:
+            await self._grpc.stop(grace)
+        if self._http is not None and self._http_task is not None:
+            self._http.should_exit = True  # type: ignore[attr-defined]
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._http_task
+        await self.manager.shutdown()
+        self._stopped.set()
+
+    async def run_until_signal(self) -> None:
+        await self.start()
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        log.info("shutting down: finishing in-flight requests")
+        await self.stop()
+
+
+def run(settings: ServerSettings) -> None:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
+        asyncio.run(TachyonServer(settings).run_until_signal())
+        return
+    uvloop.run(TachyonServer(settings).run_until_signal())

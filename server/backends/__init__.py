@@ -1,0 +1,17 @@
+"""Backends: one small class per runtime behind `server.backends.base.Backend`."""
+
+from __future__ import annotations
+
+from server.backends.base import Backend, BackendFactory
+
+
+def factory(backend: str) -> BackendFactory:
+    """The backend class for a backend name from the config (imported lazily)."""
+    if backend == "onnxruntime":
+        from server.backends.onnxruntime import OnnxRuntimeBackend
+
+        return OnnxRuntimeBackend
+    raise ValueError(f"backend '{backend}' is not available in this build")
+
+
+__all__ = ["Backend", "BackendFactory", "factory"]

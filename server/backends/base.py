@@ -1,0 +1,52 @@
+"""The backend interface.
+
+Lifecycle and ownership (one object per model instance):
+  * `load()` runs once on a loader thread, before the instance serves; it may take seconds.
+  * `execute(inputs)` runs on the instance's own thread, one whole batch at a time, never
+    concurrently with itself. `inputs` maps every input name to a numpy array whose first
+    dimension is the batch (when the model batches). The backend may read the arrays only
+    until it returns; it returns new arrays it no longer touches, one per output it was asked
+    for, with the same batch size. It never sees individual requests: the batcher merges and
+    splits.
+  * `unload()` runs once, after the last `execute` returned; it releases what `load` took.
+  * `metadata()` is cheap, thread-safe and describes the loaded model (platform name).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any, ClassVar
+
+from server.model_config import ModelSpec
+from server.types import Array
+
+
+class Backend(ABC):
+    platform: ClassVar[str] = ""
+
+    def __init__(self, spec: ModelSpec, version_dir: Path, instance: int = 0) -> None:
+        self.spec = spec
+        self.version_dir = version_dir
+        self.instance = instance
+
+    @classmethod
+    def complete_config(cls, config: Any, version_dir: Path, default_max_batch_size: int) -> None:
+        """Fill what a config leaves out (inputs, outputs, max_batch_size) from the model
+        file, in place. Backends that cannot describe themselves leave it as it is."""
+        return None  # an optional hook: most backends describe themselves
+
+    @abstractmethod
+    def load(self) -> None: ...
+
+    @abstractmethod
+    def execute(self, inputs: dict[str, Array], outputs: list[str]) -> dict[str, Array]: ...
+
+    @abstractmethod
+    def unload(self) -> None: ...
+
+    def metadata(self) -> dict[str, str]:
+        return {"platform": self.spec.platform or self.platform}
+
+
+BackendFactory = type[Backend]

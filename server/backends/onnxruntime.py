@@ -1,0 +1,212 @@
+"""ONNX Runtime backend: one InferenceSession per model instance."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from server.backends.base import Backend
+from server.model_config import ConfigError, set_tensor
+from server.types import Array, DataType, TensorSpec
+
+log = logging.getLogger(__name__)
+
+_ONNX_TYPES = {
+    1: DataType.FP32,
+    2: DataType.UINT8,
+    3: DataType.INT8,
+    4: DataType.UINT16,
+    5: DataType.INT16,
+    6: DataType.INT32,
+    7: DataType.INT64,
+    8: DataType.BYTES,
+    9: DataType.BOOL,
+    10: DataType.FP16,
+    11: DataType.FP64,
+    12: DataType.UINT32,
+    13: DataType.UINT64,
+}
+# ONNX Runtime's type strings ("tensor(float)") -> DataType
+_ORT_TYPES = {
+    "tensor(float)": DataType.FP32,
+    "tensor(uint8)": DataType.UINT8,
+    "tensor(int8)": DataType.INT8,
+    "tensor(uint16)": DataType.UINT16,
+    "tensor(int16)": DataType.INT16,
+    "tensor(int32)": DataType.INT32,
+    "tensor(int64)": DataType.INT64,
+    "tensor(string)": DataType.BYTES,
+    "tensor(bool)": DataType.BOOL,
+    "tensor(float16)": DataType.FP16,
+    "tensor(double)": DataType.FP64,
+    "tensor(uint32)": DataType.UINT32,
+    "tensor(uint64)": DataType.UINT64,
+}
+
+CPU, CUDA, TENSORRT = (
+    "CPUExecutionProvider",
+    "CUDAExecutionProvider",
+    "TensorrtExecutionProvider",
+)
+
+
+def select_providers(
+    available: Sequence[str], instance_kind: str, gpu_accelerators: Sequence[str]
+) -> list[str]:
+    """Execution providers in priority order.
+
+    KIND_CPU always runs on the CPU. Otherwise CUDA is used when installed, and TensorRT in
+    front of it when the config asks for it (`gpu_execution_accelerator { name: "tensorrt" }`),
+    as Triton does: TensorRT compiles engines at load time, which a user must opt into.
+    """
+    if instance_kind == "KIND_CPU":
+        return [CPU]
+    providers = []
+    if "tensorrt" in gpu_accelerators and TENSORRT in available:
+        providers.append(TENSORRT)
+    if CUDA in available:
+        providers.append(CUDA)
+    if instance_kind == "KIND_GPU" and not providers:
+        raise ConfigError(
+            "instance_group kind KIND_GPU needs CUDAExecutionProvider, but ONNX Runtime offers "
+            f"only {', '.join(available)} (install the [gpu] extra)"
+        )
+    return [*providers, CPU]
+
+
+def _graph_tensors(values: Any, initializers: set[str]) -> list[tuple[str, DataType, list[int]]]:
+    found = []
+    for value in values:
+        if value.name in initializers:
+            continue
+        tensor_type = value.type.tensor_type
+        datatype = _ONNX_TYPES.get(tensor_type.elem_type)
+        if datatype is None:
+            raise ConfigError(
+                f"ONNX tensor '{value.name}' has element type {tensor_type.elem_type}, "
+                "which Tachyon cannot serve"
+            )
+        dims = [d.dim_value if d.HasField("dim_value") else -1 for d in tensor_type.shape.dim]
+        found.append((value.name, datatype, dims))
+    return found
+
+
+class OnnxRuntimeBackend(Backend):
+    platform = "onnxruntime_onnx"
+
+    @classmethod
+    def complete_config(cls, config: Any, version_dir: Path, default_max_batch_size: int) -> None:
+        import onnx
+
+        path = version_dir / (config.default_model_filename or "model.onnx")
+        try:
+            graph = onnx.load(str(path), load_external_data=False).graph
+        except Exception as exc:
+            raise ConfigError(f"model '{config.name}': cannot read {path}: {exc}") from None
+        initializers = {t.name for t in graph.initializer}
+        inputs = _graph_tensors(graph.input, initializers)
+        outputs = _graph_tensors(graph.output, set())
+        config.platform = config.platform or (config.backend and "") or cls.platform
+        if not len(config.input) and config.max_batch_size == 0:
+            batchable = all(dims and dims[0] == -1 for _, _, dims in inputs + outputs)
+            if batchable and default_max_batch_size > 0:
+                config.max_batch_size = default_max_batch_size
+                if not config.HasField("dynamic_batching"):
+                    config.dynamic_batching.SetInParent()
+        skip = 1 if config.max_batch_size > 0 else 0
+        for kind, tensors in (("input", inputs), ("output", outputs)):
+            listed = {t.name for t in getattr(config, kind)}
+            for name, datatype, dims in tensors:
+                if name not in listed:
+                    set_tensor(
+                        getattr(config, kind).add(), TensorSpec(name, datatype, tuple(dims[skip:]))
+                    )
+
+    def load(self) -> None:
+        import onnxruntime as ort
+
+        params = self.spec.parameters
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = int(params.get("intra_op_thread_count", "0") or 0)
+        options.inter_op_num_threads = int(params.get("inter_op_thread_count", "0") or 0)
+        # Spinning intra-op threads burn a core each between batches; on a small CPU that
+        # core is the one the front end needs. Opt back in with allow_spinning "1".
+        options.add_session_config_entry(
+            "session.intra_op.allow_spinning", params.get("allow_spinning", "0")
+        )
+        options.log_severity_level = 3
+        providers = select_providers(
+            ort.get_available_providers(), self.spec.instance_kind, self.spec.gpu_accelerators
+        )
+        path = self.version_dir / self.spec.model_filename
+        self.session = ort.InferenceSession(str(path), options, providers=providers)
+        self._check_against_graph()
+        self._bytes_inputs = {t.name for t in self.spec.inputs if t.datatype is DataType.BYTES}
+        self._bytes_outputs = {t.name for t in self.spec.outputs if t.datatype is DataType.BYTES}
+        log.info("model '%s' instance %d on %s", self.spec.name, self.instance, providers[0])
+
+    def _check_against_graph(self) -> None:
+        batch = 1 if self.spec.max_batch_size > 0 else 0
+        for kind, specs, graph in (
+            ("input", self.spec.inputs, self.session.get_inputs()),
+            ("output", self.spec.outputs, self.session.get_outputs()),
+        ):
+            by_name = {g.name: g for g in graph}
+            for spec in specs:
+                node = by_name.get(spec.name)
+                where = f"model '{self.spec.name}': {kind} '{spec.name}'"
+                if node is None:
+                    raise ConfigError(
+                        f"{where} is not in the ONNX graph, expected one of {sorted(by_name)}"
+                    )
+                datatype = _ORT_TYPES.get(node.type)
+                if datatype is not spec.datatype:
+                    raise ConfigError(
+                        f"{where}: data_type {spec.datatype.config_name} does not match the "
+                        f"graph's {node.type}"
+                    )
+                shape = node.shape or []
+                if len(shape) != len(spec.dims) + batch:
+                    raise ConfigError(
+                        f"{where}: dims {list(spec.dims)} with max_batch_size "
+                        f"{self.spec.max_batch_size} give rank {len(spec.dims) + batch}, "
+                        f"but the graph's shape is {shape}"
+                    )
+
+    def execute(self, inputs: dict[str, Array], outputs: list[str]) -> dict[str, Array]:
+        feed = {}
+        for name, array in inputs.items():
+            if name in self._bytes_inputs:
+                array = _to_str(name, array)
+            feed[name] = array
+        results = self.session.run(outputs, feed)
+        out: dict[str, Array] = {}
+        for name, array in zip(outputs, results, strict=True):
+            if name in self._bytes_outputs:
+                array = _to_bytes(array)
+            out[name] = array
+        return out
+
+    def unload(self) -> None:
+        self.__dict__.pop("session", None)
+
+
+def _to_str(name: str, array: Array) -> Array:
+    """ONNX Runtime's string tensors take Python str; the wire carries UTF-8 bytes."""
+    try:
+        flat = [x.decode("utf-8") if isinstance(x, bytes) else str(x) for x in array.ravel()]
+    except UnicodeDecodeError as exc:
+        raise ValueError(
+            f"input '{name}': BYTES element is not UTF-8 ({exc.reason}), expected UTF-8 text "
+            "for an ONNX string tensor"
+        ) from None
+    return np.array(flat, dtype=object).reshape(array.shape)
+
+
+def _to_bytes(array: Array) -> Array:
+    flat = [x.encode("utf-8") if isinstance(x, str) else bytes(x) for x in array.ravel()]
+    return np.array(flat, dtype=object).reshape(array.shape)

@@ -1,0 +1,104 @@
+"""The `tachyon` command line."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from server import __version__
+from server.config import ServerSettings
+
+
+def _bool(value: str) -> bool:
+    lowered = value.lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
+
+
+def _serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="serve a model repository over gRPC and HTTP",
+        description="Serve the models of a Triton-layout repository over KServe v2 gRPC and "
+        "HTTP/REST (flag names and default ports follow Triton's).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--model-repository", "--model-store", type=Path, required=True,
+                   metavar="DIR", help="the repository: DIR/<model>/config.pbtxt, DIR/<model>/<n>/")
+    p.add_argument("--host", default="0.0.0.0", help="address the gRPC and HTTP servers bind")
+    p.add_argument("--http-port", type=int, default=8000, help="HTTP/REST port")
+    p.add_argument("--grpc-port", type=int, default=8001, help="gRPC port")
+    p.add_argument("--metrics-port", type=int, default=8002, help="Prometheus metrics port")
+    p.add_argument("--allow-http", type=_bool, default=True, metavar="BOOL",
+                   help="serve HTTP/REST")
+    p.add_argument("--allow-grpc", type=_bool, default=True, metavar="BOOL", help="serve gRPC")
+    p.add_argument("--allow-metrics", type=_bool, default=True, metavar="BOOL",
+                   help="serve Prometheus metrics")
+    p.add_argument("--model-control-mode", choices=("none",), default="none",
+                   help="none: load every model at start (poll and explicit: coming)")
+    p.add_argument("--strict-model-config", type=_bool, nargs="?", const=True, default=False,
+                   metavar="BOOL",
+                   help="refuse models whose config.pbtxt does not list inputs and outputs, "
+                   "instead of completing them from the model file")
+    p.add_argument("--default-max-batch-size", type=int, default=4, metavar="N",
+                   help="max_batch_size given to batchable models whose config has none")
+    p.add_argument("--max-request-bytes", type=int, default=64 * 1024 * 1024, metavar="N",
+                   help="largest request accepted (bigger: RESOURCE_EXHAUSTED / 413)")
+    p.add_argument("--model-load-thread-count", type=int, default=4, metavar="N",
+                   help="threads that load models in parallel")
+    p.add_argument("--log-verbose", type=int, default=0, metavar="N",
+                   help="0: info, 1 or more: debug")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tachyon",
+        description="Tachyon: a KServe v2 / Open Inference Protocol model server.",
+    )
+    parser.add_argument("--version", action="version", version=f"tachyon {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _serve_parser(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "serve":
+        logging.basicConfig(
+            level=logging.DEBUG if args.log_verbose else logging.INFO,
+            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+            stream=sys.stderr,
+        )
+        if not args.model_repository.is_dir():
+            print(f"tachyon: --model-repository {args.model_repository} is not a directory",
+                  file=sys.stderr)
+            return 2
+        settings = ServerSettings(
+            model_repository=args.model_repository,
+            host=args.host,
+            http_port=args.http_port,
+            grpc_port=args.grpc_port,
+            metrics_port=args.metrics_port,
+            allow_http=args.allow_http,
+            allow_grpc=args.allow_grpc,
+            allow_metrics=args.allow_metrics,
+            model_control_mode=args.model_control_mode,
+            strict_model_config=args.strict_model_config,
+            default_max_batch_size=args.default_max_batch_size,
+            max_request_bytes=args.max_request_bytes,
+            model_load_threads=args.model_load_thread_count,
+        )
+        from server.app import run
+
+        run(settings)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

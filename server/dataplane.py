@@ -1,0 +1,222 @@
+"""The transport-neutral core: health, metadata, inference, configs, statistics, repository.
+
+`grpc/` and `http/` call only this class; they convert wire formats and map `ServingError`
+codes to their statuses. No model logic lives in a transport.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from server import __version__
+from server.config import ServerSettings
+from server.errors import invalid
+from server.manager import ModelManager, ModelVersion
+from server.model_config import ModelSpec
+from server.statistics import ModelStats
+from server.types import InferInput, InferRequest, InferResponse, OutputTensor
+
+EXTENSIONS = (
+    "binary_tensor_data",
+    "model_configuration",
+    "model_repository",
+    "parameters",
+    "schedule_policy",
+    "statistics",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class TensorMetadata:
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ModelMetadata:
+    name: str
+    versions: tuple[str, ...]
+    platform: str
+    inputs: tuple[TensorMetadata, ...]
+    outputs: tuple[TensorMetadata, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class IndexEntry:
+    name: str
+    version: str
+    state: str
+    reason: str
+
+
+class DataPlane:
+    def __init__(self, settings: ServerSettings, manager: ModelManager) -> None:
+        self.settings = settings
+        self.manager = manager
+        self.started = False  # set once the initial models are loaded
+
+    # -- health ---------------------------------------------------------------------------
+
+    def live(self) -> bool:
+        return True
+
+    def ready(self) -> bool:
+        """Ready once startup loading finished and every model is READY (Triton's
+        strict readiness)."""
+        return self.started and all(v.ready for v in self.manager.entries())
+
+    def model_ready(self, name: str, version: str = "") -> bool:
+        return self.manager.is_ready(name, version)
+
+    # -- metadata -------------------------------------------------------------------------
+
+    def server_metadata(self) -> tuple[str, str, tuple[str, ...]]:
+        return self.settings.server_id, __version__, EXTENSIONS
+
+    def model_metadata(self, name: str, version: str = "") -> ModelMetadata:
+        entry = self.manager.get(name, version)
+        spec = _spec(entry)
+        ready = sorted(
+            v.version for v in self.manager.entries() if v.name == name and v.ready
+        )
+        batch = spec.max_batch_size
+        return ModelMetadata(
+            name=name,
+            versions=tuple(str(v) for v in ready),
+            platform=entry.backends[0].metadata()["platform"] if entry.backends else spec.platform,
+            inputs=tuple(
+                TensorMetadata(t.name, t.datatype.value, t.full_shape(batch)) for t in spec.inputs
+            ),
+            outputs=tuple(
+                TensorMetadata(t.name, t.datatype.value, t.full_shape(batch)) for t in spec.outputs
+            ),
+        )
+
+    def model_config(self, name: str, version: str = "") -> Any:
+        return self.manager.find_config(name, version)
+
+    # -- inference ------------------------------------------------------------------------
+
+    async def infer(self, request: InferRequest) -> InferResponse:
+        entry = self.manager.get(request.model_name, request.model_version)
+        spec = _spec(entry)
+        start = time.monotonic_ns()
+        try:
+            rows = _validate_inputs(spec, request.inputs)
+            names = _requested_outputs(spec, request)
+            assert entry.batcher is not None
+            outputs = await entry.batcher.submit(
+                {i.name: i.data for i in request.inputs}, names, rows
+            )
+        except Exception:
+            entry.stats.fail.add(time.monotonic_ns() - start)
+            raise
+        entry.stats.success.add(time.monotonic_ns() - start)
+        return InferResponse(
+            model_name=request.model_name,
+            model_version=str(entry.version),
+            id=request.id,
+            outputs=[
+                OutputTensor(n, _output_type(spec, n), outputs[n].shape, outputs[n]) for n in names
+            ],
+        )
+
+    # -- statistics and repository --------------------------------------------------------
+
+    def statistics(self, name: str = "", version: str = "") -> list[tuple[str, int, ModelStats]]:
+        if name:
+            entries = [self.manager.get(name, version)]
+        else:
+            entries = [v for v in self.manager.entries() if v.ready]
+        return [(e.name, e.version, e.stats) for e in entries]
+
+    def repository_index(self, ready_only: bool = False) -> list[IndexEntry]:
+        return [
+            IndexEntry(v.name, str(v.version) if v.version else "", v.state.value, v.reason)
+            for v in self.manager.entries()
+            if v.ready or not ready_only
+        ]
+
+
+def _spec(entry: ModelVersion) -> ModelSpec:
+    assert entry.spec is not None, "a READY version has a spec"
+    return entry.spec
+
+
+def _output_type(spec: ModelSpec, name: str) -> Any:
+    tensor = spec.output(name)
+    assert tensor is not None
+    return tensor.datatype
+
+
+def _validate_inputs(spec: ModelSpec, inputs: list[InferInput]) -> int:
+    """Check names, datatypes and shapes against the model; returns the batch rows."""
+    expected = {t.name for t in spec.inputs}
+    seen = set()
+    rows = 1
+    for tensor in inputs:
+        model_input = spec.input(tensor.name)
+        if model_input is None:
+            raise invalid(
+                f"model '{spec.name}': unexpected input '{tensor.name}', expected inputs "
+                f"{sorted(expected)}"
+            )
+        if tensor.name in seen:
+            raise invalid(f"model '{spec.name}': input '{tensor.name}' appears twice")
+        seen.add(tensor.name)
+        if tensor.datatype is not model_input.datatype:
+            raise invalid(
+                f"model '{spec.name}': input '{tensor.name}' has datatype "
+                f"{tensor.datatype.value}, expected {model_input.datatype.value}"
+            )
+        rows = _check_shape(spec, model_input.dims, tensor, rows if len(seen) > 1 else None)
+    missing = sorted(t.name for t in spec.inputs if t.name not in seen and not t.optional)
+    if missing:
+        raise invalid(
+            f"model '{spec.name}': missing input {', '.join(repr(m) for m in missing)}, expected "
+            f"inputs {sorted(expected)}"
+        )
+    return rows
+
+
+def _check_shape(
+    spec: ModelSpec, dims: tuple[int, ...], tensor: InferInput, batch: int | None
+) -> int:
+    shape = tensor.shape
+    expected = (spec.max_batch_size and (-1, *dims)) or dims
+    where = f"model '{spec.name}': input '{tensor.name}'"
+    if len(shape) != len(expected):
+        raise invalid(
+            f"{where} has shape {list(shape)}, expected rank {len(expected)} "
+            f"(shape {list(expected)})"
+        )
+    for got, want in zip(shape, expected, strict=True):
+        if want != -1 and got != want:
+            raise invalid(f"{where} has shape {list(shape)}, expected {list(expected)}")
+    if not spec.max_batch_size:
+        return 1
+    rows = shape[0]
+    if rows < 1 or rows > spec.max_batch_size:
+        raise invalid(
+            f"{where} has batch size {rows}, expected 1..{spec.max_batch_size} (max_batch_size)"
+        )
+    if batch is not None and rows != batch:
+        raise invalid(f"{where} has batch size {rows}, but other inputs have {batch}")
+    return rows
+
+
+def _requested_outputs(spec: ModelSpec, request: InferRequest) -> list[str]:
+    if not request.outputs:
+        return [t.name for t in spec.outputs]
+    names = []
+    for output in request.outputs:
+        if spec.output(output.name) is None:
+            raise invalid(
+                f"model '{spec.name}': unexpected requested output '{output.name}', expected "
+                f"one of {[t.name for t in spec.outputs]}"
+            )
+        names.append(output.name)
+    return names

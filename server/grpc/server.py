@@ -1,0 +1,290 @@
+"""gRPC transport: converts protobuf messages to the core's types and back, maps errors.
+
+Handlers are registered through a generic handler built from our own descriptors (no generated
+service stubs), so every RPC of the service exists: the ones not built yet answer
+UNIMPLEMENTED with a message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+
+from server import proto
+from server.dataplane import DataPlane
+from server.errors import Code, ServingError, invalid
+from server.statistics import Duration, ModelStats
+from server.tensors import check_shape, from_contents, from_raw, to_raw
+from server.types import DataType, InferInput, InferRequest, InferResponse, RequestedOutput
+
+log = logging.getLogger(__name__)
+
+STATUS = {
+    Code.INVALID_ARGUMENT: grpc.StatusCode.INVALID_ARGUMENT,
+    Code.NOT_FOUND: grpc.StatusCode.NOT_FOUND,
+    Code.UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
+    Code.RESOURCE_EXHAUSTED: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    Code.UNIMPLEMENTED: grpc.StatusCode.UNIMPLEMENTED,
+    Code.ALREADY_EXISTS: grpc.StatusCode.ALREADY_EXISTS,
+    Code.CANCELLED: grpc.StatusCode.CANCELLED,
+    Code.DEADLINE_EXCEEDED: grpc.StatusCode.DEADLINE_EXCEEDED,
+    Code.INTERNAL: grpc.StatusCode.INTERNAL,
+}
+
+Handler = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]
+
+
+def _parameters(params: Any) -> dict[str, bool | int | float | str]:
+    out: dict[str, bool | int | float | str] = {}
+    for key, value in params.items():
+        kind = value.WhichOneof("parameter_choice")
+        if kind is not None:
+            out[key] = getattr(value, kind)
+    return out
+
+
+def _set_parameters(target: Any, params: dict[str, bool | int | float | str]) -> None:
+    for key, value in params.items():
+        if isinstance(value, bool):
+            target[key].bool_param = value
+        elif isinstance(value, int):
+            target[key].int64_param = value
+        elif isinstance(value, float):
+            target[key].double_param = value
+        else:
+            target[key].string_param = str(value)
+
+
+def decode_infer_request(message: Any) -> InferRequest:
+    raw = message.raw_input_contents
+    if raw and len(raw) != len(message.inputs):
+        raise invalid(
+            f"raw_input_contents has {len(raw)} entries, expected {len(message.inputs)} "
+            "(one per input)"
+        )
+    inputs = []
+    for index, tensor in enumerate(message.inputs):
+        try:
+            datatype = DataType.from_wire(tensor.datatype)
+        except ValueError as exc:
+            raise invalid(f"input '{tensor.name}': {exc}") from None
+        shape = check_shape(tensor.name, tensor.shape)
+        if raw:
+            data = from_raw(tensor.name, datatype, shape, raw[index])
+        else:
+            data = from_contents(tensor.name, datatype, shape, tensor.contents)
+        inputs.append(InferInput(tensor.name, datatype, shape, data))
+    return InferRequest(
+        model_name=message.model_name,
+        model_version=message.model_version,
+        inputs=inputs,
+        outputs=[RequestedOutput(o.name) for o in message.outputs],
+        id=message.id,
+        parameters=_parameters(message.parameters),
+    )
+
+
+def encode_infer_response(response: InferResponse) -> Any:
+    message = proto.ModelInferResponse(
+        model_name=response.model_name, model_version=response.model_version, id=response.id
+    )
+    raw = []
+    for output in response.outputs:
+        tensor = message.outputs.add()
+        tensor.name = output.name
+        tensor.datatype = output.datatype.value
+        tensor.shape.extend(output.shape)
+        raw.append(to_raw(output.datatype, output.data))
+    message.raw_output_contents.extend(raw)
+    return message
+
+
+def _duration(target: Any, source: Duration) -> None:
+    target.count = source.count
+    target.ns = source.ns
+
+
+def encode_statistics(name: str, version: int, stats: ModelStats) -> Any:
+    message = proto.ModelStatistics(
+        name=name,
+        version=str(version),
+        last_inference=stats.last_inference_ms,
+        inference_count=stats.inference_count,
+        execution_count=stats.execution_count,
+    )
+    infer = message.inference_stats
+    for field in ("success", "fail", "queue", "compute_input", "compute_infer", "compute_output"):
+        _duration(getattr(infer, field), getattr(stats, field))
+    for size in sorted(stats.batches):
+        batch = stats.batches[size]
+        entry = message.batch_stats.add()
+        entry.batch_size = size
+        _duration(entry.compute_input, batch.compute_input)
+        _duration(entry.compute_infer, batch.compute_infer)
+        _duration(entry.compute_output, batch.compute_output)
+    return message
+
+
+class GrpcService:
+    """The RPCs of inference.GRPCInferenceService, over the data plane."""
+
+    def __init__(self, dataplane: DataPlane) -> None:
+        self.dataplane = dataplane
+
+    async def ServerLive(self, request: Any, context: Any) -> Any:
+        return proto.ServerLiveResponse(live=self.dataplane.live())
+
+    async def ServerReady(self, request: Any, context: Any) -> Any:
+        return proto.ServerReadyResponse(ready=self.dataplane.ready())
+
+    async def ModelReady(self, request: Any, context: Any) -> Any:
+        return proto.ModelReadyResponse(
+            ready=self.dataplane.model_ready(request.name, request.version)
+        )
+
+    async def ServerMetadata(self, request: Any, context: Any) -> Any:
+        name, version, extensions = self.dataplane.server_metadata()
+        return proto.ServerMetadataResponse(name=name, version=version, extensions=extensions)
+
+    async def ModelMetadata(self, request: Any, context: Any) -> Any:
+        meta = self.dataplane.model_metadata(request.name, request.version)
+        message = proto.ModelMetadataResponse(
+            name=meta.name, versions=meta.versions, platform=meta.platform
+        )
+        for target, tensors in ((message.inputs, meta.inputs), (message.outputs, meta.outputs)):
+            for t in tensors:
+                target.add(name=t.name, datatype=t.datatype, shape=t.shape)
+        return message
+
+    async def ModelInfer(self, request: Any, context: Any) -> Any:
+        infer_request = decode_infer_request(request)
+        response = await self.dataplane.infer(infer_request)
+        return encode_infer_response(response)
+
+    async def ModelConfig(self, request: Any, context: Any) -> Any:
+        config = self.dataplane.model_config(request.name, request.version)
+        message = proto.ModelConfigResponse()
+        message.config.CopyFrom(config)
+        return message
+
+    async def ModelStatistics(self, request: Any, context: Any) -> Any:
+        message = proto.ModelStatisticsResponse()
+        for name, version, stats in self.dataplane.statistics(request.name, request.version):
+            message.model_stats.append(encode_statistics(name, version, stats))
+        return message
+
+    async def RepositoryIndex(self, request: Any, context: Any) -> Any:
+        message = proto.RepositoryIndexResponse()
+        for entry in self.dataplane.repository_index(request.ready):
+            message.models.add(
+                name=entry.name, version=entry.version, state=entry.state, reason=entry.reason
+            )
+        return message
+
+    async def ModelStreamInfer(
+        self, requests: AsyncIterator[Any], context: Any
+    ) -> AsyncIterator[Any]:
+        """Each request is answered as soon as it completes (not necessarily in order); an
+        error travels in `error_message` and the stream goes on, as in Triton."""
+        answers: asyncio.Queue[Any] = asyncio.Queue()
+        pending: set[asyncio.Task[None]] = set()
+
+        async def answer(message: Any) -> None:
+            try:
+                response = encode_infer_response(
+                    await self.dataplane.infer(decode_infer_request(message))
+                )
+                await answers.put(proto.ModelStreamInferResponse(infer_response=response))
+            except ServingError as exc:
+                error = proto.ModelStreamInferResponse(error_message=exc.message)
+                error.infer_response.id = message.id
+                await answers.put(error)
+
+        async def read() -> None:
+            async for message in requests:
+                task = asyncio.create_task(answer(message))
+                pending.add(task)
+                task.add_done_callback(pending.discard)
+            await asyncio.gather(*list(pending))
+            await answers.put(None)
+
+        reader = asyncio.create_task(read())
+        try:
+            while (item := await answers.get()) is not None:
+                yield item
+        finally:
+            reader.cancel()
+
+
+UNIMPLEMENTED = {
+    "RepositoryModelLoad": "needs --model-control-mode explicit, which is not built yet",
+    "RepositoryModelUnload": "needs --model-control-mode explicit, which is not built yet",
+    "SystemSharedMemoryStatus": "system shared memory is not supported yet",
+    "SystemSharedMemoryRegister": "system shared memory is not supported yet",
+    "SystemSharedMemoryUnregister": "system shared memory is not supported yet",
+    "CudaSharedMemoryStatus": "CUDA shared memory is not supported",
+    "CudaSharedMemoryRegister": "CUDA shared memory is not supported",
+    "CudaSharedMemoryUnregister": "CUDA shared memory is not supported",
+    "TraceSetting": "tracing is not supported yet",
+    "LogSettings": "log settings over gRPC are not supported yet",
+}
+
+
+def _unary(method: Handler) -> Handler:
+    async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            return await method(request, context)
+        except ServingError as exc:
+            await context.abort(STATUS[exc.code], exc.message)
+        except Exception as exc:
+            log.exception("gRPC %s failed", method.__name__)
+            await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {exc}")
+
+    return call
+
+
+def _unimplemented(name: str, why: str) -> Handler:
+    async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"{name}: {why}")
+
+    return call
+
+
+def generic_handler(service: GrpcService) -> grpc.GenericRpcHandler:
+    handlers = {}
+    for name, (request_type, response_type, client_stream, server_stream) in proto.METHODS.items():
+        serializer = response_type.SerializeToString
+        deserializer = request_type.FromString
+        if client_stream and server_stream:
+            handlers[name] = grpc.stream_stream_rpc_method_handler(
+                getattr(service, name), request_deserializer=deserializer,
+                response_serializer=serializer,
+            )
+            continue
+        method = getattr(service, name, None)
+        call = _unary(method) if method is not None else _unimplemented(name, UNIMPLEMENTED[name])
+        handlers[name] = grpc.unary_unary_rpc_method_handler(
+            call, request_deserializer=deserializer, response_serializer=serializer
+        )
+    return grpc.method_handlers_generic_handler(proto.SERVICE_NAME, handlers)
+
+
+async def start(dataplane: DataPlane, host: str, port: int, max_message: int) -> grpc.aio.Server:
+    options = [
+        ("grpc.max_receive_message_length", max_message),
+        ("grpc.max_send_message_length", max_message),
+        ("grpc.so_reuseport", 1),
+    ]
+    server = grpc.aio.server(options=options)
+    server.add_generic_rpc_handlers((generic_handler(GrpcService(dataplane)),))
+    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    bound = server.add_insecure_port(address)
+    if bound == 0:
+        raise OSError(f"cannot bind gRPC to {address}")
+    await server.start()
+    log.info("gRPC listening on %s", address)
+    return server

@@ -1,0 +1,279 @@
+"""config.pbtxt: parsing, completion from the model file, validation.
+
+The protobuf `ModelConfig` (Triton's field names) stays the source of truth and is what the
+ModelConfig RPC returns; `ModelSpec` is the typed, validated view the rest of the server reads.
+Every error names the model, the field, the value and what was expected.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from google.protobuf import text_format
+
+from server import proto
+from server.types import DataType, TensorSpec
+
+CONFIG_FILE = "config.pbtxt"
+
+# platform / backend names as Triton spells them -> our backend module
+_PLATFORMS = {
+    "onnxruntime_onnx": "onnxruntime",
+    "onnxruntime": "onnxruntime",
+    "tensorrt_plan": "tensorrt",
+    "tensorrt": "tensorrt",
+    "faiss": "faiss",
+    "ensemble": "ensemble",
+}
+_DEFAULT_FILES = {"onnxruntime": "model.onnx", "tensorrt": "model.plan", "faiss": "index.faiss"}
+
+
+class ConfigError(ValueError):
+    """A config.pbtxt that cannot be served, with a message naming the model and field."""
+
+
+@dataclass(frozen=True, slots=True)
+class QueuePolicy:
+    max_queue_size: int = 0  # 0: unbounded
+    default_timeout_us: int = 0  # 0: no timeout
+    timeout_action_reject: bool = True  # REJECT (True) or DELAY (False)
+    allow_timeout_override: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class DynamicBatching:
+    """`dynamic_batching { ... }`, Triton semantics."""
+
+    preferred_batch_sizes: tuple[int, ...] = ()
+    max_queue_delay_us: int = 0
+    preserve_ordering: bool = False
+    priority_levels: int = 0  # 0: a single level
+    default_priority_level: int = 0
+    default_queue_policy: QueuePolicy = field(default_factory=QueuePolicy)
+    priority_queue_policy: dict[int, QueuePolicy] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class ModelSpec:
+    """The validated view of one model's config."""
+
+    name: str
+    backend: str
+    max_batch_size: int
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    model_filename: str
+    instance_count: int = 1
+    instance_kind: str = "KIND_AUTO"
+    dynamic_batching: DynamicBatching | None = None
+    parameters: dict[str, str] = field(default_factory=dict)
+    platform: str = ""
+    gpu_accelerators: tuple[str, ...] = ()
+
+    def input(self, name: str) -> TensorSpec | None:
+        return next((t for t in self.inputs if t.name == name), None)
+
+    def output(self, name: str) -> TensorSpec | None:
+        return next((t for t in self.outputs if t.name == name), None)
+
+
+def read_config(model_dir: Path) -> Any | None:
+    """Parse `<model_dir>/config.pbtxt` into a protobuf ModelConfig; None when absent."""
+    path = model_dir / CONFIG_FILE
+    if not path.exists():
+        return None
+    return parse_config(path.read_text(encoding="utf-8"), model_dir.name)
+
+
+def parse_config(text: str, model_name: str) -> Any:
+    config = proto.ModelConfig()
+    try:
+        text_format.Parse(text, config)
+    except text_format.ParseError as exc:
+        raise ConfigError(f"model '{model_name}': {CONFIG_FILE} is not valid: {exc}") from None
+    if not config.name:
+        config.name = model_name
+    return config
+
+
+def backend_of(config: Any, version_dir: Path | None) -> str:
+    """The backend a config names, or the one its model file implies."""
+    for key in (config.backend, config.platform):
+        if key:
+            if key not in _PLATFORMS:
+                raise ConfigError(
+                    f"model '{config.name}': platform/backend '{key}' is not supported, "
+                    f"expected one of {', '.join(sorted(_PLATFORMS))}"
+                )
+            return _PLATFORMS[key]
+    if version_dir is not None:
+        for backend, filename in _DEFAULT_FILES.items():
+            if (version_dir / filename).exists():
+                return backend
+    raise ConfigError(
+        f"model '{config.name}': no platform or backend in {CONFIG_FILE} and no model file "
+        f"({', '.join(_DEFAULT_FILES.values())}) to infer it from"
+    )
+
+
+def model_filename(config: Any, backend: str) -> str:
+    return str(config.default_model_filename) or _DEFAULT_FILES.get(backend, "")
+
+
+def is_complete(config: Any) -> bool:
+    return bool(len(config.input) and len(config.output))
+
+
+def _enum_name(message: Any, field_name: str) -> str:
+    enum_type = message.DESCRIPTOR.fields_by_name[field_name].enum_type
+    return str(enum_type.values_by_number[getattr(message, field_name)].name)
+
+
+def _tensor_specs(config: Any, kind: str) -> tuple[TensorSpec, ...]:
+    specs = []
+    seen: set[str] = set()
+    for index, tensor in enumerate(getattr(config, kind)):
+        where = f"model '{config.name}': {kind}[{index}]"
+        if not tensor.name:
+            raise ConfigError(f"{where}: name is empty, expected a tensor name")
+        if tensor.name in seen:
+            raise ConfigError(f"{where}: name '{tensor.name}' appears twice, expected unique names")
+        seen.add(tensor.name)
+        type_name = _enum_name(tensor, "data_type")
+        try:
+            datatype = DataType.from_config(type_name)
+        except ValueError:
+            raise ConfigError(
+                f"{where} '{tensor.name}': data_type {type_name} is not supported, expected one "
+                f"of {', '.join(d.config_name for d in DataType)}"
+            ) from None
+        dims = tuple(int(d) for d in tensor.dims)
+        if any(d < -1 or d == 0 for d in dims):
+            raise ConfigError(
+                f"{where} '{tensor.name}': dims {list(dims)} are invalid, expected positive "
+                "sizes or -1 for a variable dimension"
+            )
+        if tensor.HasField("reshape") and list(tensor.reshape.shape) != list(dims):
+            raise ConfigError(
+                f"{where} '{tensor.name}': reshape is not supported yet, expected dims only"
+            )
+        optional = bool(getattr(tensor, "optional", False))
+        specs.append(TensorSpec(tensor.name, datatype, dims, optional))
+    return tuple(specs)
+
+
+def _queue_policy(policy: Any) -> QueuePolicy:
+    return QueuePolicy(
+        max_queue_size=int(policy.max_queue_size),
+        default_timeout_us=int(policy.default_timeout_microseconds),
+        timeout_action_reject=_enum_name(policy, "timeout_action") == "REJECT",
+        allow_timeout_override=bool(policy.allow_timeout_override),
+    )
+
+
+def _dynamic_batching(config: Any) -> DynamicBatching | None:
+    if not config.HasField("dynamic_batching"):
+        return None
+    db = config.dynamic_batching
+    where = f"model '{config.name}': dynamic_batching"
+    preferred = tuple(int(s) for s in db.preferred_batch_size)
+    for size in preferred:
+        if size < 1 or (config.max_batch_size and size > config.max_batch_size):
+            raise ConfigError(
+                f"{where}.preferred_batch_size {size} is invalid, expected 1.."
+                f"{config.max_batch_size} (max_batch_size)"
+            )
+    levels = int(db.priority_levels)
+    default_level = int(db.default_priority_level)
+    if levels and not 1 <= default_level <= levels:
+        raise ConfigError(
+            f"{where}.default_priority_level {default_level} is invalid, expected 1..{levels}"
+        )
+    per_level = {}
+    for level, policy in db.priority_queue_policy.items():
+        if not 1 <= level <= levels:
+            raise ConfigError(
+                f"{where}.priority_queue_policy key {level} is invalid, expected 1..{levels}"
+            )
+        per_level[int(level)] = _queue_policy(policy)
+    return DynamicBatching(
+        preferred_batch_sizes=tuple(sorted(preferred)),
+        max_queue_delay_us=int(db.max_queue_delay_microseconds),
+        preserve_ordering=bool(db.preserve_ordering),
+        priority_levels=levels,
+        default_priority_level=default_level,
+        default_queue_policy=_queue_policy(db.default_queue_policy),
+        priority_queue_policy=per_level,
+    )
+
+
+def fill_defaults(config: Any, backend: str) -> None:
+    """Write the defaults Triton reports for a loaded model into the config, in place."""
+    if not config.HasField("version_policy"):
+        config.version_policy.latest.num_versions = 1
+    if not config.platform and not config.backend:
+        config.platform = _default_platform(backend)
+    if not config.backend:
+        config.backend = backend
+    if not len(config.instance_group):
+        config.instance_group.add(count=1)
+    for index, group in enumerate(config.instance_group):
+        group.name = group.name or f"{config.name}_{index}"
+        group.count = group.count or 1
+    if not config.default_model_filename and backend in _DEFAULT_FILES:
+        config.default_model_filename = _DEFAULT_FILES[backend]
+
+
+def to_spec(config: Any, backend: str) -> ModelSpec:
+    """Validate a complete config and return its typed view."""
+    name = config.name
+    if config.max_batch_size < 0:
+        raise ConfigError(
+            f"model '{name}': max_batch_size {config.max_batch_size} is invalid, expected >= 0"
+        )
+    inputs = _tensor_specs(config, "input")
+    outputs = _tensor_specs(config, "output")
+    if not inputs or not outputs:
+        raise ConfigError(
+            f"model '{name}': {CONFIG_FILE} lists {len(inputs)} inputs and {len(outputs)} "
+            "outputs, expected at least one of each (or no config, to complete from the model)"
+        )
+    count, kind = 1, "KIND_AUTO"
+    if len(config.instance_group):
+        count = sum(max(int(g.count), 1) for g in config.instance_group)
+        kind = _enum_name(config.instance_group[0], "kind")
+    batching = _dynamic_batching(config)
+    if batching is not None and config.max_batch_size == 0:
+        batching = None  # Triton ignores dynamic batching for non-batching models
+    return ModelSpec(
+        name=name,
+        backend=backend,
+        max_batch_size=int(config.max_batch_size),
+        inputs=inputs,
+        outputs=outputs,
+        model_filename=model_filename(config, backend),
+        instance_count=count,
+        instance_kind=kind,
+        dynamic_batching=batching,
+        parameters={k: v.string_value for k, v in config.parameters.items()},
+        platform=config.platform or _default_platform(backend),
+        gpu_accelerators=tuple(
+            a.name for a in config.optimization.execution_accelerators.gpu_execution_accelerator
+        ),
+    )
+
+
+def _default_platform(backend: str) -> str:
+    return {"onnxruntime": "onnxruntime_onnx", "tensorrt": "tensorrt_plan"}.get(backend, backend)
+
+
+def set_tensor(message: Any, spec: TensorSpec) -> None:
+    """Fill a ModelInput/ModelOutput message from a TensorSpec."""
+    message.name = spec.name
+    message.data_type = message.DESCRIPTOR.fields_by_name["data_type"].enum_type.values_by_name[
+        spec.datatype.config_name
+    ].number
+    del message.dims[:]
+    message.dims.extend(spec.dims)

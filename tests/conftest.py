@@ -1,0 +1,127 @@
+"""Shared fixtures: real `tachyon serve` processes on free loopback ports."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+BUNDLED = ROOT / "model_repository"
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def tachyon_command() -> list[str]:
+    script = Path(sys.executable).parent / "tachyon"
+    if script.exists():
+        return [str(script)]
+    found = shutil.which("tachyon")
+    if found is None:
+        raise RuntimeError("the `tachyon` console script is not installed (pip install -e .)")
+    return [found]
+
+
+@dataclass
+class RunningServer:
+    process: subprocess.Popen[bytes]
+    http_port: int
+    grpc_port: int
+    metrics_port: int
+    log_path: Path
+
+    @property
+    def http_url(self) -> str:
+        return f"127.0.0.1:{self.http_port}"
+
+    @property
+    def grpc_url(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, timeout: float = 20.0) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+                raise AssertionError(f"server did not stop on SIGTERM:\n{self.log()}") from None
+        return int(self.process.returncode)
+
+
+def _wait_started(server: RunningServer, expect_ready: bool, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    url = f"http://{server.http_url}/v2/health/live"
+    while time.monotonic() < deadline:
+        if server.process.poll() is not None:
+            raise RuntimeError(f"server exited with {server.process.returncode}:\n{server.log()}")
+        with contextlib.suppress(OSError), urllib.request.urlopen(url, timeout=1) as response:
+            if response.status == 200:
+                return
+        time.sleep(0.1)
+    raise RuntimeError(f"server did not start in {timeout}s:\n{server.log()}")
+
+
+ServerFactory = Callable[..., RunningServer]
+
+
+@pytest.fixture(scope="session")
+def start_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerFactory]:
+    """Starts `tachyon serve` on free ports; every server is stopped at the end."""
+    started: list[RunningServer] = []
+
+    def start(repository: Path = BUNDLED, *extra: str) -> RunningServer:
+        http_port, grpc_port, metrics_port = free_port(), free_port(), free_port()
+        log_path = tmp_path_factory.mktemp("server") / "server.log"
+        command = [
+            *tachyon_command(),
+            "serve",
+            "--model-repository",
+            str(repository),
+            "--host",
+            "127.0.0.1",
+            "--http-port",
+            str(http_port),
+            "--grpc-port",
+            str(grpc_port),
+            "--metrics-port",
+            str(metrics_port),
+            *extra,
+        ]
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        with log_path.open("wb") as log_file:
+            process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=env)
+        server = RunningServer(process, http_port, grpc_port, metrics_port, log_path)
+        started.append(server)
+        _wait_started(server, expect_ready=True)
+        return server
+
+    yield start
+    for server in started:
+        with contextlib.suppress(AssertionError):
+            server.stop()
+
+
+@pytest.fixture(scope="session")
+def bundled(start_server: ServerFactory) -> RunningServer:
+    """One server on the bundled model repository, shared by the end-to-end tests."""
+    return start_server(BUNDLED)

@@ -1,0 +1,209 @@
+"""The dynamic batcher, in-process: batches form, every waiter is answered, errors spread."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from server.backends.base import Backend
+from server.backends.onnxruntime import OnnxRuntimeBackend
+from server.batching import DynamicBatcher
+from server.errors import Code, ServingError
+from server.model_config import parse_config, to_spec
+from server.statistics import ModelStats
+from server.types import Array
+
+BUNDLED = Path(__file__).resolve().parent.parent / "model_repository"
+
+
+def identity_spec(extra: str = "", max_batch: int = 64) -> object:
+    return to_spec(parse_config(
+        f"max_batch_size: {max_batch} input [{{ name: 'INPUT0' data_type: TYPE_FP32 dims: [-1] }}] "
+        f"output [{{ name: 'OUTPUT0' data_type: TYPE_FP32 dims: [-1] }}] {extra}",
+        "identity_fp32"), "onnxruntime")
+
+
+class GatedBackend(Backend):
+    """Echoes INPUT0 (times `scale`) but waits for `gate` first, to let a queue build up;
+    records every batch it saw."""
+
+    def __init__(self, *args: object, fail: bool = False, rows_off: int = 0) -> None:
+        super().__init__(*args)  # type: ignore[arg-type]
+        self.gate = threading.Event()
+        self.batches: list[tuple[int, ...]] = []
+        self.fail = fail
+        self.rows_off = rows_off
+
+    def load(self) -> None:
+        pass
+
+    def execute(self, inputs: dict[str, Array], outputs: list[str]) -> dict[str, Array]:
+        self.gate.wait(10)
+        array = inputs["INPUT0"]
+        self.batches.append(array.shape)
+        if self.fail:
+            raise RuntimeError("boom")
+        return {"OUTPUT0": array[self.rows_off:] * 2}
+
+    def unload(self) -> None:
+        pass
+
+
+async def _submit(batcher: DynamicBatcher, value: float, width: int = 4) -> Array:
+    data = np.full((1, width), value, dtype=np.float32)
+    out = await batcher.submit({"INPUT0": data}, ["OUTPUT0"], 1)
+    return out["OUTPUT0"]
+
+
+def run(coro: object) -> object:
+    return asyncio.run(coro)  # type: ignore[arg-type]
+
+
+def test_concurrent_requests_share_batches_with_a_real_model() -> None:
+    spec = identity_spec()
+    backend = OnnxRuntimeBackend(spec, BUNDLED / "identity_fp32" / "1")  # type: ignore[arg-type]
+    backend.load()
+    stats = ModelStats()
+
+    async def main() -> None:
+        batcher = DynamicBatcher(spec, [backend], stats)  # type: ignore[arg-type]
+        batcher.start()
+        values = [float(i) for i in range(200)]
+        results = await asyncio.gather(*(_submit(batcher, v, width=16) for v in values))
+        for value, result in zip(values, results, strict=True):
+            np.testing.assert_array_equal(result, np.full((1, 16), value, dtype=np.float32))
+        await batcher.drain()
+
+    run(main())
+    assert stats.inference_count == 200
+    assert stats.execution_count < 200  # some requests shared a batch
+    assert max(stats.batches) > 1
+
+
+def test_gated_queue_forms_one_batch_and_splits_in_order() -> None:
+    spec = identity_spec()
+    backend = GatedBackend(spec, Path("."))
+
+    async def main() -> None:
+        batcher = DynamicBatcher(spec, [backend], ModelStats())  # type: ignore[arg-type]
+        batcher.start()
+        first = asyncio.ensure_future(_submit(batcher, -1.0))
+        await asyncio.sleep(0.05)  # the first request occupies the only instance
+        rest = [asyncio.ensure_future(_submit(batcher, float(i))) for i in range(10)]
+        await asyncio.sleep(0.05)
+        backend.gate.set()
+        assert (await first)[0, 0] == -2.0
+        for i, task in enumerate(rest):
+            assert (await task)[0, 0] == 2.0 * i
+        await batcher.drain()
+
+    run(main())
+    assert backend.batches == [(1, 4), (10, 4)]
+
+
+def test_max_batch_size_and_shapes_split_batches() -> None:
+    spec = identity_spec(max_batch=4)
+    backend = GatedBackend(spec, Path("."))
+
+    async def main() -> None:
+        batcher = DynamicBatcher(spec, [backend], ModelStats())  # type: ignore[arg-type]
+        batcher.start()
+        first = asyncio.ensure_future(_submit(batcher, 0.0))
+        await asyncio.sleep(0.05)
+        tasks = [asyncio.ensure_future(_submit(batcher, 1.0, width=4)) for _ in range(6)]
+        tasks += [asyncio.ensure_future(_submit(batcher, 1.0, width=3)) for _ in range(2)]
+        await asyncio.sleep(0.05)
+        backend.gate.set()
+        await asyncio.gather(first, *tasks)
+        await batcher.drain()
+
+    run(main())
+    assert backend.batches[0] == (1, 4)
+    # never more than max_batch_size rows, never two widths in one batch
+    assert all(rows <= 4 for rows, _ in backend.batches)
+    assert sorted(backend.batches[1:]) == [(2, 3), (2, 4), (4, 4)]
+
+
+def test_an_error_reaches_every_waiter_and_the_batcher_lives_on() -> None:
+    spec = identity_spec()
+    backend = GatedBackend(spec, Path("."), fail=True)
+
+    async def main() -> None:
+        batcher = DynamicBatcher(spec, [backend], ModelStats())  # type: ignore[arg-type]
+        batcher.start()
+        tasks = [asyncio.ensure_future(_submit(batcher, 1.0)) for _ in range(5)]
+        backend.gate.set()
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+        assert all(isinstance(r, ServingError) and r.code is Code.INTERNAL for r in results)
+        assert all("boom" in str(r) for r in results)
+        backend.fail = False
+        assert (await _submit(batcher, 3.0))[0, 0] == 6.0
+        await batcher.drain()
+
+    run(main())
+
+
+def test_output_batch_size_is_checked() -> None:
+    spec = identity_spec()
+    backend = GatedBackend(spec, Path("."), rows_off=1)  # drops a row
+
+    async def main() -> None:
+        batcher = DynamicBatcher(spec, [backend], ModelStats())  # type: ignore[arg-type]
+        batcher.start()
+        first = asyncio.ensure_future(_submit(batcher, 0.0))
+        await asyncio.sleep(0.05)
+        tasks = [asyncio.ensure_future(_submit(batcher, 1.0)) for _ in range(3)]
+        await asyncio.sleep(0.05)
+        backend.gate.set()
+        results = await asyncio.gather(first, *tasks, return_exceptions=True)
+        assert all(isinstance(r, ServingError) for r in results[1:])
+        assert "expected 3 rows" in str(results[1])
+        await batcher.drain()
+
+    run(main())
+
+
+def test_a_lone_request_does_not_wait_for_the_queue_delay() -> None:
+    spec = identity_spec("dynamic_batching { max_queue_delay_microseconds: 5000000 }")
+    backend = GatedBackend(spec, Path("."))
+    backend.gate.set()
+    stats = ModelStats()
+
+    async def main() -> None:
+        batcher = DynamicBatcher(spec, [backend], stats)  # type: ignore[arg-type]
+        batcher.start()
+        for value in range(3):
+            start = time.monotonic()
+            assert (await _submit(batcher, float(value)))[0, 0] == 2.0 * value
+            assert time.monotonic() - start < 2.5  # far below the 5 s delay
+        await batcher.drain()
+
+    run(main())
+    assert stats.queue.ns < 3 * 1_000_000_000
+
+
+def test_full_queue_is_rejected_at_once() -> None:
+    spec = identity_spec("dynamic_batching { default_queue_policy { max_queue_size: 2 } }")
+    backend = GatedBackend(spec, Path("."))
+
+    async def main() -> None:
+        batcher = DynamicBatcher(spec, [backend], ModelStats())  # type: ignore[arg-type]
+        batcher.start()
+        first = asyncio.ensure_future(_submit(batcher, 0.0))
+        await asyncio.sleep(0.05)
+        queued = [asyncio.ensure_future(_submit(batcher, 1.0)) for _ in range(2)]
+        await asyncio.sleep(0.01)
+        with pytest.raises(ServingError) as info:
+            await _submit(batcher, 1.0)
+        assert info.value.code is Code.RESOURCE_EXHAUSTED
+        assert "max_queue_size" in info.value.message
+        backend.gate.set()
+        await asyncio.gather(first, *queued)
+        await batcher.drain()
+
+    run(main())

@@ -1,0 +1,39 @@
+# Tachyon on a GPU host: CUDA runtime + cuDNN, ONNX Runtime with the CUDA execution provider.
+#   docker build -t tachyon .
+#   docker run --gpus all -p 8000-8002:8000-8002 -v $PWD/model_repository:/models tachyon
+ARG CUDA_IMAGE=nvidia/cuda:12.6.3-cudnn-runtime-ubuntu24.04
+
+FROM ${CUDA_IMAGE} AS build
+ENV DEBIAN_FRONTEND=noninteractive PIP_NO_CACHE_DIR=1
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends python3 python3-venv python3-dev g++ cmake \
+ && rm -rf /var/lib/apt/lists/*
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY native ./native
+COPY protos ./protos
+COPY server ./server
+RUN python3 -m venv /opt/tachyon \
+ && /opt/tachyon/bin/pip install "scikit-build-core>=0.10" "nanobind>=2.4" \
+ && /opt/tachyon/bin/pip wheel --no-deps --no-build-isolation -w /wheels .
+
+FROM ${CUDA_IMAGE}
+ENV DEBIAN_FRONTEND=noninteractive PIP_NO_CACHE_DIR=1 PATH=/opt/tachyon/bin:$PATH
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends python3 python3-venv \
+ && rm -rf /var/lib/apt/lists/* \
+ && useradd --create-home --uid 10001 tachyon
+COPY --from=build /wheels /wheels
+RUN python3 -m venv /opt/tachyon \
+ && WHEEL="$(find /wheels -name 'tachyon_serve-*.whl')" \
+ && /opt/tachyon/bin/pip install "${WHEEL}[gpu]" \
+ && /opt/tachyon/bin/pip uninstall -y onnxruntime \
+ && /opt/tachyon/bin/pip install --force-reinstall --no-deps "onnxruntime-gpu>=1.19" \
+ && rm -rf /wheels
+COPY --chown=tachyon:tachyon model_repository /models
+USER 10001
+EXPOSE 8000 8001 8002
+HEALTHCHECK --interval=10s --timeout=3s --start-period=60s --retries=3 \
+  CMD ["python3", "-c", "import urllib.request,sys; sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:8000/v2/health/ready', timeout=2).status == 200 else 1)"]
+ENTRYPOINT ["tachyon", "serve"]
+CMD ["--model-repository", "/models"]

@@ -34,12 +34,13 @@ def _serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     p.add_argument("--host", default="0.0.0.0", help="address the gRPC and HTTP servers bind")
     p.add_argument("--http-port", type=int, default=8000, help="HTTP/REST port")
     p.add_argument("--grpc-port", type=int, default=8001, help="gRPC port")
-    p.add_argument("--metrics-port", type=int, default=8002, help="Prometheus metrics port")
+    p.add_argument("--metrics-port", type=int, default=8002,
+                   help="Prometheus metrics port (reserved: the endpoint is not built yet)")
     p.add_argument("--allow-http", type=_bool, default=True, metavar="BOOL",
                    help="serve HTTP/REST")
     p.add_argument("--allow-grpc", type=_bool, default=True, metavar="BOOL", help="serve gRPC")
     p.add_argument("--allow-metrics", type=_bool, default=True, metavar="BOOL",
-                   help="serve Prometheus metrics")
+                   help="serve Prometheus metrics (not built yet)")
     p.add_argument("--model-control-mode", choices=("none",), default="none",
                    help="none: load every model at start (poll and explicit: coming)")
     p.add_argument("--strict-model-config", type=_bool, nargs="?", const=True, default=False,

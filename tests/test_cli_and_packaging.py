@@ -1,0 +1,65 @@
+"""The command line, the Dockerfile lint, and perf_analyzer against a real server."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT, RunningServer, tachyon_command
+
+PERF_ANALYZER = ROOT / ".tools" / "perf_analyzer" / "perf_analyzer"
+
+
+def test_serve_help_reads_well() -> None:
+    result = subprocess.run(
+        [*tachyon_command(), "serve", "--help"], capture_output=True, text=True, check=True
+    )
+    for flag in ("--model-repository", "--http-port", "--grpc-port", "--metrics-port",
+                 "--host", "--strict-model-config", "--model-control-mode"):
+        assert flag in result.stdout
+    assert re.search(r"gRPC port \(default:\s+8001\)", result.stdout)
+
+
+def test_serve_refuses_a_missing_repository(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [*tachyon_command(), "serve", "--model-repository", str(tmp_path / "nope")],
+        capture_output=True, text=True,
+    )
+    assert result.returncode == 2
+    assert "is not a directory" in result.stderr
+
+
+def test_dockerfile_passes_hadolint() -> None:
+    hadolint = shutil.which("hadolint") or str(Path(sys.executable).parent / "hadolint")
+    result = subprocess.run(
+        [hadolint, "--config", str(ROOT / ".hadolint.yaml"), str(ROOT / "Dockerfile")],
+        capture_output=True, text=True,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    text = (ROOT / "Dockerfile").read_text()
+    assert "HEALTHCHECK" in text and "/v2/health/ready" in text
+    assert re.search(r"^USER (?!root|0\b)", text, re.MULTILINE)
+    assert "EXPOSE 8000 8001 8002" in text
+    assert "[gpu]" in text
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_perf_analyzer_runs_without_errors(bundled: RunningServer, protocol: str) -> None:
+    if not PERF_ANALYZER.exists():
+        pytest.fail("perf_analyzer is not installed: run scripts/setup --test")
+    url = bundled.grpc_url if protocol == "grpc" else bundled.http_url
+    result = subprocess.run(
+        [str(PERF_ANALYZER), "-m", "identity_fp32", "-u", url, "-i", protocol,
+         "--concurrency-range", "2", "--measurement-interval", "1000",
+         "--stability-percentage", "50", "--max-trials", "4"],
+        capture_output=True, text=True, timeout=180,
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    assert re.search(r"Throughput: [\d.]+ infer/sec", output), output
+    assert "error" not in output.lower().replace("std error", ""), output

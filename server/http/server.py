@@ -68,6 +68,8 @@ def _tensor(
     except ValueError as exc:
         raise invalid(f"input '{name}': {exc}") from None
     params = item.get("parameters") or {}
+    if not isinstance(params, dict):
+        raise invalid(f"input '{name}': 'parameters' must be an object, got {params!r}")
     size = params.get("binary_data_size")
     if size is not None:
         if not binary_sizes_ok:
@@ -75,9 +77,13 @@ def _tensor(
                 f"input '{name}': binary_data_size given but the request has no "
                 "Inference-Header-Content-Length header"
             )
-        if not isinstance(size, int) or size < 0 or offset + size > len(binary):
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
             raise invalid(
-                f"input '{name}': binary_data_size {size!r} overruns the binary body "
+                f"input '{name}': binary_data_size must be a non-negative integer, got {size!r}"
+            )
+        if offset + size > len(binary):
+            raise invalid(
+                f"input '{name}': binary_data_size {size} overruns the binary body "
                 f"({len(binary) - offset} bytes left)"
             )
         data = from_raw(name, datatype, shape, binary[offset : offset + size])
@@ -92,7 +98,7 @@ def decode_infer_request(
 ) -> tuple[InferRequest, bool]:
     """Returns the request and the request-level binary_data_output flag."""
     json_part = body if header_length is None else body[:header_length]
-    binary = memoryview(body)[header_length or len(body) :]
+    binary = memoryview(body)[len(body) if header_length is None else header_length :]
     try:
         payload = orjson.loads(json_part)
     except orjson.JSONDecodeError as exc:
@@ -115,11 +121,18 @@ def decode_infer_request(
     params = payload.get("parameters") or {}
     if not isinstance(params, dict):
         raise invalid(f"'parameters' must be an object, got {params!r}")
+    raw_outputs = payload.get("outputs") or []
+    if not isinstance(raw_outputs, list):
+        raise invalid(f"'outputs' must be a list of requested outputs, got {raw_outputs!r}")
     outputs = []
-    for out in payload.get("outputs") or []:
+    for out in raw_outputs:
         if not isinstance(out, dict) or not isinstance(out.get("name"), str):
             raise invalid(f"outputs: each output needs a string 'name', got {out!r}")
         out_params = out.get("parameters") or {}
+        if not isinstance(out_params, dict):
+            raise invalid(
+                f"output '{out['name']}': 'parameters' must be an object, got {out_params!r}"
+            )
         binary_flag = out_params.get("binary_data")
         outputs.append(
             RequestedOutput(out["name"], None if binary_flag is None else bool(binary_flag))
@@ -255,11 +268,16 @@ class HttpApp:
             Route("/v2/repository/models/{model}/load", self.load, methods=["POST"]),
             Route("/v2/repository/models/{model}/unload", self.unload, methods=["POST"]),
         ]
-        self.app = Starlette(routes=routes, exception_handlers={ServingError: self._on_error})
+        handlers = {ServingError: self._on_error, Exception: self._on_crash}
+        self.app = Starlette(routes=routes, exception_handlers=handlers)
 
     async def _on_error(self, request: Request, exc: Exception) -> Response:
         assert isinstance(exc, ServingError)
         return _error(exc)
+
+    async def _on_crash(self, request: Request, exc: Exception) -> Response:
+        # a JSON error like the gRPC INTERNAL one; Starlette re-raises, so uvicorn logs it
+        return _json({"error": f"internal error: {exc}"}, 500)
 
     async def live(self, request: Request) -> Response:
         return Response(status_code=200 if self.dataplane.live() else 400)

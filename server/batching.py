@@ -1,14 +1,19 @@
-"""The dynamic batcher: the scheduler of one model version.
+"""The dynamic batcher: the scheduler of one model version (Triton's semantics).
 
-Requests queue here; whenever a model instance is idle, the batcher takes queued requests
-whose non-batch shapes match the oldest one, up to `max_batch_size` rows, gathers their inputs
-into one batch (one native call per input), runs it on the instance's own thread, splits the
-outputs back by row ranges, and answers every request in the batch: with its rows, or with the
-batch's error.
+Requests queue here, one queue per priority level. Whenever a model instance is idle the
+batcher takes queued requests, highest priority first, whose non-batch shapes match the first
+one taken, up to `max_batch_size` rows; it hands the batch to the instance's own thread, which
+gathers the inputs (one native call per input), runs the backend and splits the outputs back by
+row ranges. The event loop then answers every request of the batch: with its rows, or with the
+batch's error. Nothing here blocks the event loop.
 
-Waiting for a fuller batch (`max_queue_delay_microseconds`, measured from the oldest request
-on the monotonic clock) only happens while more than one request arrived since the last
-dispatch: a lone request on an idle instance never pays the delay.
+Waiting for a fuller batch (`max_queue_delay_microseconds`, measured from the oldest request on
+the monotonic clock) only happens while more than one request arrived since the last dispatch:
+a lone request on an idle instance is dispatched at once and pays no delay.
+
+A request leaves the queue when its client cancels (its future is cancelled) or when its queue
+timeout expires (answered UNAVAILABLE, as Triton does, unless the policy's timeout action is
+DELAY). A full queue (`max_queue_size`) rejects at once with RESOURCE_EXHAUSTED.
 """
 
 from __future__ import annotations
@@ -16,23 +21,25 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import queue
+import threading
 import time
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from server import _native
 from server.backends.base import Backend
-from server.errors import Code, ServingError, exhausted, internal, unavailable
-from server.model_config import ModelSpec
+from server.errors import Code, ServingError, exhausted, internal, invalid, unavailable
+from server.model_config import DynamicBatching, ModelSpec, QueuePolicy
 from server.statistics import ModelStats
 from server.types import Array
 
 log = logging.getLogger(__name__)
 
 Outputs = dict[str, Array]
+MAX_TIMEOUT_US = 24 * 3600 * 1_000_000  # a queue timeout above a day is a mistake
 
 
 @dataclass(slots=True, eq=False)
@@ -42,7 +49,21 @@ class _Request:
     rows: int
     shape_key: tuple[tuple[int, ...], ...]
     future: asyncio.Future[Outputs]
+    level: int
     enqueued_ns: int = field(default_factory=time.monotonic_ns)
+    timer: asyncio.TimerHandle | None = None
+
+
+@dataclass(slots=True, eq=False)
+class _Batch:
+    requests: list[_Request]
+    seq: int
+    started_ns: int
+    instance: _Instance
+    # filled by the instance thread
+    results: list[Outputs] | None = None
+    error: BaseException | None = None
+    times: tuple[int, int, int] = (0, 0, 0)
 
 
 class _Instance:
@@ -50,10 +71,9 @@ class _Instance:
 
     def __init__(self, backend: Backend) -> None:
         self.backend = backend
-        self.executor = ThreadPoolExecutor(
-            1, thread_name_prefix=f"{backend.spec.name}-{backend.instance}"
-        )
+        self.jobs: queue.SimpleQueue[_Batch | None] = queue.SimpleQueue()
         self.busy = False
+        self.thread: threading.Thread | None = None
 
 
 class DynamicBatcher:
@@ -61,224 +81,349 @@ class DynamicBatcher:
         self.spec = spec
         self.stats = stats
         self._instances = [_Instance(b) for b in backends]
-        self._queue: collections.deque[_Request] = collections.deque()
-        batching = spec.dynamic_batching
+        settings = spec.dynamic_batching or DynamicBatching()
+        self._settings = settings
         self._batching = spec.max_batch_size > 0
         self._max_rows = max(spec.max_batch_size, 1)
-        self._delay_ns = batching.max_queue_delay_us * 1000 if batching else 0
-        preferred = batching.preferred_batch_sizes if batching else ()
+        self._delay_ns = settings.max_queue_delay_us * 1000 if self._batching else 0
+        preferred = settings.preferred_batch_sizes
         self._target_rows = max(preferred) if preferred else self._max_rows
-        self._max_queue = batching.default_queue_policy.max_queue_size if batching else 0
+        levels = max(settings.priority_levels, 1)
+        self._queues: list[collections.deque[_Request]] = [
+            collections.deque() for _ in range(levels)
+        ]
+        self._policies: list[QueuePolicy] = [
+            settings.priority_queue_policy.get(level + 1, settings.default_queue_policy)
+            for level in range(levels)
+        ]
+        self._default_level = max(settings.default_priority_level, 1) - 1
+        self._queued = 0
         self._arrivals = 0  # requests queued since the last dispatch
+        self._delay_timer: asyncio.TimerHandle | None = None
+        self._seq = 0
+        self._next_delivery = 0
+        self._finished: dict[int, _Batch] = {}
         self._closed = False
-        self._wakeup: asyncio.Event | None = None
-        self._task: asyncio.Task[None] | None = None
         self._in_flight = 0
         self._idle: asyncio.Event | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     # -- public -------------------------------------------------------------------------
 
     def start(self) -> None:
-        self._wakeup = asyncio.Event()
+        self._loop = asyncio.get_running_loop()
         self._idle = asyncio.Event()
         self._idle.set()
-        self._task = asyncio.get_running_loop().create_task(self._dispatch_loop())
+        for instance in self._instances:
+            name = f"{self.spec.name}-{instance.backend.instance}"
+            instance.thread = threading.Thread(
+                target=self._work, args=(instance,), name=name, daemon=True
+            )
+            instance.thread.start()
 
-    async def submit(self, inputs: dict[str, Array], outputs: list[str], rows: int) -> Outputs:
+    def check_parameters(self, priority: object, timeout_us: object) -> tuple[int, int]:
+        """Validate the request parameters `priority` and `timeout` (microseconds); returns
+        the queue level and the effective timeout (0: none)."""
+        levels = self._settings.priority_levels
+        level = self._default_level
+        if priority is not None:
+            if not isinstance(priority, int) or isinstance(priority, bool) or priority < 0:
+                raise invalid(
+                    f"parameter 'priority' is {priority!r}, expected an integer >= 0 "
+                    f"(0: the default level{f', 1..{levels}' if levels else ''})"
+                )
+            if levels and priority > levels:
+                raise invalid(
+                    f"parameter 'priority' is {priority}, expected 0..{levels} "
+                    f"(model '{self.spec.name}' has {levels} priority_levels)"
+                )
+            if levels and priority:
+                level = priority - 1
+        policy = self._policies[level]
+        timeout = policy.default_timeout_us
+        if timeout_us is not None:
+            if (
+                not isinstance(timeout_us, int)
+                or isinstance(timeout_us, bool)
+                or not 0 <= timeout_us <= MAX_TIMEOUT_US
+            ):
+                raise invalid(
+                    f"parameter 'timeout' is {timeout_us!r}, expected microseconds in "
+                    f"0..{MAX_TIMEOUT_US}"
+                )
+            if policy.allow_timeout_override and timeout_us:
+                timeout = min(timeout, timeout_us) if timeout else timeout_us
+        return level, timeout
+
+    async def submit(
+        self,
+        inputs: dict[str, Array],
+        outputs: list[str],
+        rows: int,
+        level: int | None = None,
+        timeout_us: int = 0,
+    ) -> Outputs:
         """Queue one request; returns its output rows or raises its ServingError."""
         if self._closed:
             raise unavailable(f"model '{self.spec.name}' is unloading, retry")
-        if self._max_queue and len(self._queue) >= self._max_queue:
+        level = self._default_level if level is None else level
+        policy = self._policies[level]
+        waiting = self._queues[level]
+        if policy.max_queue_size and len(waiting) >= policy.max_queue_size:
             raise exhausted(
-                f"model '{self.spec.name}': queue is full ({self._max_queue} requests, "
+                f"model '{self.spec.name}': queue is full ({policy.max_queue_size} requests, "
                 "max_queue_size), retry later"
             )
+        assert self._loop is not None and self._idle is not None
         shape_key = tuple(a.shape[1:] for a in inputs.values()) if self._batching else ()
-        loop = asyncio.get_running_loop()
-        request = _Request(inputs, outputs, rows, shape_key, loop.create_future())
-        self._queue.append(request)
+        request = _Request(inputs, outputs, rows, shape_key, self._loop.create_future(), level)
+        if timeout_us and policy.timeout_action_reject:
+            request.timer = self._loop.call_later(timeout_us / 1e6, self._expire, request)
+        waiting.append(request)
+        self._queued += 1
         self._arrivals += 1
         self._in_flight += 1
-        assert self._wakeup is not None and self._idle is not None
         self._idle.clear()
-        self._wakeup.set()
+        self._dispatch()
         try:
             return await request.future
+        except asyncio.CancelledError:
+            self._remove(request)  # the client went away: leave the queue
+            raise
         finally:
             self._in_flight -= 1
             if not self._in_flight:
                 self._idle.set()
 
     async def drain(self) -> None:
-        """Stop admitting, wait for everything admitted to be answered, stop the threads."""
+        """Stop admitting, wait until everything admitted is answered, stop the threads."""
         self._closed = True
         if self._idle is not None:
             await self._idle.wait()
-        if self._task is not None:
-            self._task.cancel()
         for instance in self._instances:
-            instance.executor.shutdown(wait=True)
+            instance.jobs.put(None)
+        for instance in self._instances:
+            if instance.thread is not None:
+                await asyncio.to_thread(instance.thread.join)
 
     @property
     def pending(self) -> int:
-        return len(self._queue)
+        return self._queued
 
-    # -- dispatch -----------------------------------------------------------------------
+    # -- queue ----------------------------------------------------------------------------
 
-    async def _dispatch_loop(self) -> None:
-        assert self._wakeup is not None
-        while True:
-            await self._wakeup.wait()
-            self._wakeup.clear()
-            while self._queue:
-                instance = next((i for i in self._instances if not i.busy), None)
-                if instance is None:
-                    break  # an instance finishing sets the event again
-                if await self._should_wait():
-                    continue
-                batch = self._take_batch()
-                if batch:
-                    self._run(instance, batch)
+    def _remove(self, request: _Request) -> None:
+        if request.timer is not None:
+            request.timer.cancel()
+        try:
+            self._queues[request.level].remove(request)
+        except ValueError:
+            return  # already taken into a batch
+        self._queued -= 1
 
-    async def _should_wait(self) -> bool:
-        """Wait (at most until the oldest request's delay expires) for a fuller batch."""
-        if not self._delay_ns or self._arrivals <= 1:
+    def _expire(self, request: _Request) -> None:
+        request.timer = None
+        if request.future.done():
+            return
+        try:
+            self._queues[request.level].remove(request)
+        except ValueError:
+            return  # executing: it will be answered with its result
+        self._queued -= 1
+        waited = (time.monotonic_ns() - request.enqueued_ns) // 1000
+        request.future.set_exception(
+            unavailable(
+                f"model '{self.spec.name}': request timed out after {waited} us in the queue "
+                "(timeout)"
+            )
+        )
+
+    # -- dispatch -------------------------------------------------------------------------
+
+    def _dispatch(self) -> None:
+        """Hand batches to idle instances while there is work (event loop thread)."""
+        while self._queued:
+            instance = next((i for i in self._instances if not i.busy), None)
+            if instance is None:
+                return  # a finishing batch calls _dispatch again
+            if self._should_wait():
+                return
+            requests = self._take()
+            if not requests:
+                return
+            instance.busy = True
+            batch = _Batch(requests, self._seq, time.monotonic_ns(), instance)
+            self._seq += 1
+            instance.jobs.put(batch)
+
+    def _should_wait(self) -> bool:
+        """Wait for a fuller batch until the oldest request's delay expires."""
+        if not self._delay_ns or self._arrivals <= 1 or self._queued_rows() >= self._target_rows:
             return False
-        queued_rows = sum(r.rows for r in self._queue)
-        if queued_rows >= self._target_rows:
-            return False
-        deadline = self._queue[0].enqueued_ns + self._delay_ns
-        remaining = deadline - time.monotonic_ns()
+        oldest = min(q[0].enqueued_ns for q in self._queues if q)
+        remaining = oldest + self._delay_ns - time.monotonic_ns()
         if remaining <= 0:
             return False
-        assert self._wakeup is not None
-        try:
-            await asyncio.wait_for(self._wakeup.wait(), remaining / 1e9)
-        except TimeoutError:
-            self._arrivals = 0  # the delay expired: dispatch what is there
-            return True
-        self._wakeup.clear()
+        if self._delay_timer is None:
+            assert self._loop is not None
+            self._delay_timer = self._loop.call_later(remaining / 1e9, self._delay_expired)
         return True
 
-    def _take_batch(self) -> list[_Request]:
+    def _delay_expired(self) -> None:
+        self._delay_timer = None
+        self._arrivals = 0
+        self._dispatch()
+
+    def _queued_rows(self) -> int:
+        return sum(r.rows for q in self._queues for r in q)
+
+    def _take(self) -> list[_Request]:
+        """The next batch: highest priority first, one shape, at most max_batch_size rows."""
         batch: list[_Request] = []
         rows = 0
-        queue = self._queue
-        if not self._batching:
-            while queue:
-                request = queue.popleft()
-                if not request.future.done():  # cancelled while queued
-                    return [request]
-            return batch
         key = None
-        kept: list[_Request] = []
-        while queue:
-            request = queue.popleft()
-            if request.future.done():
-                continue
-            if key is None:
-                key = request.shape_key
-            if request.shape_key != key or rows + request.rows > self._max_rows:
-                kept.append(request)
-                if rows + request.rows > self._max_rows and request.shape_key == key:
+        for waiting in self._queues:
+            kept: list[_Request] = []
+            while waiting:
+                request = waiting.popleft()
+                if request.future.done():  # cancelled or expired
+                    self._queued -= 1
+                    continue
+                if key is None:
+                    key = request.shape_key
+                if (
+                    not self._batching and batch
+                ) or request.shape_key != key or rows + request.rows > self._max_rows:
+                    kept.append(request)
+                    if len(kept) > 64:  # do not scan a long queue for a better fit
+                        break
+                    continue
+                batch.append(request)
+                self._queued -= 1
+                if request.timer is not None:
+                    request.timer.cancel()
+                rows += request.rows
+                if rows >= self._max_rows or not self._batching:
                     break
-                continue
-            batch.append(request)
-            rows += request.rows
-            if rows >= self._max_rows:
+            waiting.extendleft(reversed(kept))
+            if rows >= self._max_rows or (batch and not self._batching):
                 break
-        queue.extendleft(reversed(kept))
-        self._arrivals = len(queue)
+        self._arrivals = self._queued
         return batch
 
-    def _run(self, instance: _Instance, batch: list[_Request]) -> None:
-        instance.busy = True
-        loop = asyncio.get_running_loop()
-        start_ns = time.monotonic_ns()
-        queue_ns = [start_ns - r.enqueued_ns for r in batch]
-        work = loop.run_in_executor(instance.executor, self._execute, instance.backend, batch)
+    # -- instance thread ------------------------------------------------------------------
 
-        def done(work: asyncio.Future[tuple[list[Outputs], int, int, int]]) -> None:
-            instance.busy = False
-            assert self._wakeup is not None
-            self._wakeup.set()
+    def _work(self, instance: _Instance) -> None:
+        assert self._loop is not None
+        while (batch := instance.jobs.get()) is not None:
             try:
-                results, input_ns, infer_ns, output_ns = work.result()
-            except ServingError as exc:
-                _fail(batch, exc)
+                batch.results, batch.times = self._execute(instance.backend, batch.requests)
+            except BaseException as exc:  # delivered to every waiter of the batch
+                batch.error = exc
+            try:
+                self._loop.call_soon_threadsafe(self._finish, batch)
+            except RuntimeError:  # the loop is closed: nobody is waiting any more
                 return
-            except Exception as exc:  # the backend's error reaches every waiter
-                log.exception("model '%s': batch of %d failed", self.spec.name, len(batch))
-                _fail(batch, internal(f"model '{self.spec.name}' failed: {exc}"))
-                return
-            rows = sum(r.rows for r in batch)
-            self.stats.record_batch(rows, len(batch), queue_ns, input_ns, infer_ns, output_ns)
-            for request, outputs in zip(batch, results, strict=True):
-                if not request.future.done():
-                    request.future.set_result(outputs)
-
-        work.add_done_callback(done)
 
     def _execute(
-        self, backend: Backend, batch: list[_Request]
-    ) -> tuple[list[Outputs], int, int, int]:
-        """Runs on the instance thread: gather, execute, split."""
+        self, backend: Backend, requests: list[_Request]
+    ) -> tuple[list[Outputs], tuple[int, int, int]]:
+        """Instance thread: gather, execute, split."""
         t0 = time.monotonic_ns()
-        names = batch[0].outputs if len(batch) == 1 else _union_outputs(batch)
-        inputs = batch[0].inputs if len(batch) == 1 else _gather(batch)
+        if len(requests) == 1:
+            names, inputs = requests[0].outputs, requests[0].inputs
+        else:
+            names, inputs = _union_outputs(requests), _gather(requests)
         t1 = time.monotonic_ns()
         try:
             outputs = backend.execute(inputs, names)
         except ValueError as exc:
             raise ServingError(Code.INVALID_ARGUMENT, str(exc)) from None
         t2 = time.monotonic_ns()
-        results = self._split(batch, outputs)
+        results = self._split(requests, outputs)
         t3 = time.monotonic_ns()
-        return results, t1 - t0, t2 - t1, t3 - t2
+        return results, (t1 - t0, t2 - t1, t3 - t2)
 
-    def _split(self, batch: list[_Request], outputs: Outputs) -> list[Outputs]:
-        if len(batch) == 1:
-            return [{n: outputs[n] for n in batch[0].outputs}]
-        rows = sum(r.rows for r in batch)
-        for name, array in outputs.items():
-            if array.ndim == 0 or array.shape[0] != rows:
+    def _split(self, requests: list[_Request], outputs: Outputs) -> list[Outputs]:
+        rows = sum(r.rows for r in requests)
+        for name in _union_outputs(requests):
+            array = outputs.get(name)
+            if array is None:
+                raise internal(f"model '{self.spec.name}' did not produce output '{name}'")
+            if self._batching and (array.ndim == 0 or array.shape[0] != rows):
                 raise internal(
                     f"model '{self.spec.name}': output '{name}' has shape {list(array.shape)}, "
                     f"expected {rows} rows (the batch size)"
                 )
+        if len(requests) == 1:
+            return [{n: outputs[n] for n in requests[0].outputs}]
         results = []
         offset = 0
-        for request in batch:
+        for request in requests:
             end = offset + request.rows
             results.append({n: outputs[n][offset:end] for n in request.outputs})
             offset = end
         return results
 
+    # -- completion (event loop thread) ---------------------------------------------------
 
-def _union_outputs(batch: list[_Request]) -> list[str]:
+    def _finish(self, batch: _Batch) -> None:
+        batch.instance.busy = False
+        if self._settings.preserve_ordering:
+            self._finished[batch.seq] = batch
+            while self._next_delivery in self._finished:
+                self._deliver(self._finished.pop(self._next_delivery))
+                self._next_delivery += 1
+        else:
+            self._deliver(batch)
+        self._dispatch()
+
+    def _deliver(self, batch: _Batch) -> None:
+        requests = batch.requests
+        if batch.error is not None:
+            error = batch.error
+            if not isinstance(error, ServingError):
+                log.error(
+                    "model '%s': batch of %d failed: %r", self.spec.name, len(requests), error
+                )
+                error = internal(f"model '{self.spec.name}' failed: {error}")
+            for request in requests:
+                if not request.future.done():
+                    request.future.set_exception(error)
+            return
+        assert batch.results is not None
+        input_ns, infer_ns, output_ns = batch.times
+        self.stats.record_batch(
+            sum(r.rows for r in requests),
+            len(requests),
+            [batch.started_ns - r.enqueued_ns for r in requests],
+            input_ns,
+            infer_ns,
+            output_ns,
+        )
+        for request, outputs in zip(requests, batch.results, strict=True):
+            if not request.future.done():
+                request.future.set_result(outputs)
+
+
+def _union_outputs(requests: list[_Request]) -> list[str]:
+    if len(requests) == 1:
+        return requests[0].outputs
     names: dict[str, None] = {}
-    for request in batch:
+    for request in requests:
         names.update(dict.fromkeys(request.outputs))
     return list(names)
 
 
-def _gather(batch: list[_Request]) -> dict[str, Array]:
+def _gather(requests: list[_Request]) -> dict[str, Array]:
     """One contiguous array per input: a native concatenation of the requests' buffers."""
     gathered = {}
-    rows = sum(r.rows for r in batch)
-    for name, first in batch[0].inputs.items():
-        parts = [r.inputs[name] for r in batch]
+    rows = sum(r.rows for r in requests)
+    for name, first in requests[0].inputs.items():
+        parts = [r.inputs[name] for r in requests]
         if first.dtype == object:
             gathered[name] = np.concatenate(parts)
             continue
         flat = _native.gather([np.ascontiguousarray(p).data for p in parts])
         gathered[name] = flat.view(first.dtype).reshape((rows, *first.shape[1:]))
     return gathered
-
-
-def _fail(batch: list[_Request], error: ServingError) -> None:
-    for request in batch:
-        if not request.future.done():
-            request.future.set_exception(error)
-
-

@@ -107,9 +107,14 @@ class DataPlane:
         try:
             rows = _validate_inputs(spec, request.inputs)
             names = _requested_outputs(spec, request)
-            assert entry.batcher is not None
-            outputs = await entry.batcher.submit(
-                {i.name: i.data for i in request.inputs}, names, rows
+            batcher = entry.batcher
+            assert batcher is not None
+            params = request.parameters
+            level, timeout = batcher.check_parameters(
+                params.get("priority"), params.get("timeout")
+            )
+            outputs = await batcher.submit(
+                {i.name: i.data for i in request.inputs}, names, rows, level, timeout
             )
         except Exception:
             entry.stats.fail.add(time.monotonic_ns() - start)

@@ -56,6 +56,8 @@ class ModelManager:
     def __init__(self, settings: ServerSettings) -> None:
         self.settings = settings
         self._models: dict[str, dict[int, ModelVersion]] = {}
+        # the version a request without a version goes to, refreshed on every state change
+        self._default: dict[str, ModelVersion] = {}
         self._loader = ThreadPoolExecutor(
             settings.model_load_threads, thread_name_prefix="model-load"
         )
@@ -64,6 +66,10 @@ class ModelManager:
 
     def get(self, name: str, version: str = "") -> ModelVersion:
         """The version that serves `name` (highest READY by default) or a ServingError."""
+        if not version:
+            default = self._default.get(name)
+            if default is not None and default.ready:
+                return default
         versions = self._models.get(name)
         if not versions:
             raise not_found(f"model '{name}' is not in the repository")
@@ -88,7 +94,8 @@ class ModelManager:
         if not ready:
             reasons = "; ".join(v.reason for v in versions.values() if v.reason)
             raise unavailable(f"model '{name}' has no ready version: {reasons or 'not loaded'}")
-        return max(ready, key=lambda v: v.version)
+        default = self._default[name] = max(ready, key=lambda v: v.version)
+        return default
 
     def is_ready(self, name: str, version: str = "") -> bool:
         try:
@@ -155,6 +162,7 @@ class ModelManager:
         entry.batcher = DynamicBatcher(spec, backends, entry.stats)
         entry.batcher.start()
         entry.state, entry.reason = ModelState.READY, ""
+        self._default.pop(entry.name, None)
         log.info("model '%s' version %d is READY", entry.name, entry.version)
 
     def _load_files(
@@ -185,6 +193,7 @@ class ModelManager:
     async def shutdown(self) -> None:
         """Answer everything admitted, then unload every version."""
         for entry in self.entries():
+            self._default.pop(entry.name, None)
             if entry.batcher is not None:
                 entry.state = ModelState.UNLOADING
                 await entry.batcher.drain()

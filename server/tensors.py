@@ -24,9 +24,10 @@ def element_count(shape: Sequence[int]) -> int:
 
 
 def check_shape(name: str, shape: Sequence[int]) -> tuple[int, ...]:
-    if any(d < 0 for d in shape):
-        raise invalid(f"input '{name}': shape {list(shape)} has a negative dimension")
-    return tuple(int(d) for d in shape)
+    dims = tuple(shape)
+    if dims and min(dims) < 0:
+        raise invalid(f"input '{name}': shape {list(dims)} has a negative dimension")
+    return dims
 
 
 def from_raw(name: str, datatype: DataType, shape: tuple[int, ...], data: Buffer) -> Array:

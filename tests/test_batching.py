@@ -207,3 +207,112 @@ def test_full_queue_is_rejected_at_once() -> None:
         await batcher.drain()
 
     run(main())
+
+
+def test_priorities_are_served_highest_first() -> None:
+    spec = identity_spec("dynamic_batching { priority_levels: 3 default_priority_level: 2 }",
+                         max_batch=2)
+    backend = GatedBackend(spec, Path("."))
+    order: list[float] = []
+
+    async def main() -> None:
+        batcher = DynamicBatcher(spec, [backend], ModelStats())  # type: ignore[arg-type]
+        batcher.start()
+        first = asyncio.ensure_future(_submit(batcher, 0.0))
+        await asyncio.sleep(0.05)
+
+        async def one(value: float, priority: int) -> None:
+            level, timeout = batcher.check_parameters(priority, None)
+            data = np.full((1, 4), value, dtype=np.float32)
+            await batcher.submit({"INPUT0": data}, ["OUTPUT0"], 1, level, timeout)
+            order.append(value)
+
+        tasks = [asyncio.ensure_future(one(v, p)) for v, p in
+                 [(3.0, 3), (3.1, 3), (2.0, 0), (1.0, 1), (1.1, 1)]]
+        await asyncio.sleep(0.05)
+        backend.gate.set()
+        await asyncio.gather(first, *tasks)
+        await batcher.drain()
+
+    run(main())
+    assert order == [1.0, 1.1, 2.0, 3.0, 3.1]
+
+
+def test_queue_timeout_and_cancellation_leave_the_queue() -> None:
+    spec = identity_spec(
+        "dynamic_batching { default_queue_policy { allow_timeout_override: true "
+        "max_queue_size: 3 } }"
+    )
+    backend = GatedBackend(spec, Path("."))
+
+    async def main() -> None:
+        batcher = DynamicBatcher(spec, [backend], ModelStats())  # type: ignore[arg-type]
+        batcher.start()
+        first = asyncio.ensure_future(_submit(batcher, 0.0))
+        await asyncio.sleep(0.05)
+        level, timeout = batcher.check_parameters(None, 20_000)  # 20 ms
+        data = np.zeros((1, 4), dtype=np.float32)
+        timed = asyncio.ensure_future(batcher.submit({"INPUT0": data}, ["OUTPUT0"], 1,
+                                                     level, timeout))
+        cancelled = asyncio.ensure_future(_submit(batcher, 5.0))
+        kept = asyncio.ensure_future(_submit(batcher, 6.0))
+        await asyncio.sleep(0.01)
+        assert batcher.pending == 3
+        cancelled.cancel()
+        with pytest.raises(ServingError) as info:
+            await timed
+        assert info.value.code is Code.UNAVAILABLE and "timed out" in info.value.message
+        assert batcher.pending == 1  # only `kept` is still queued
+        backend.gate.set()
+        await first
+        assert (await kept)[0, 0] == 12.0
+        await batcher.drain()
+
+    run(main())
+    assert backend.batches == [(1, 4), (1, 4)]  # the cancelled and expired never ran
+
+
+@pytest.mark.parametrize(
+    ("priority", "timeout", "needle"),
+    [(-1, None, "parameter 'priority' is -1"), (9, None, "expected 0..3"),
+     ("high", None, "parameter 'priority'"), (True, None, "parameter 'priority'"),
+     (None, -5, "parameter 'timeout' is -5"), (None, 10**15, "parameter 'timeout'"),
+     (None, 1.5, "parameter 'timeout' is 1.5")],
+)
+def test_bad_priority_and_timeout_are_refused(
+    priority: object, timeout: object, needle: str
+) -> None:
+    spec = identity_spec("dynamic_batching { priority_levels: 3 default_priority_level: 1 }")
+    batcher = DynamicBatcher(spec, [], ModelStats())  # type: ignore[arg-type]
+    with pytest.raises(ServingError) as info:
+        batcher.check_parameters(priority, timeout)
+    assert info.value.code is Code.INVALID_ARGUMENT
+    assert needle in info.value.message
+
+
+def test_preserve_ordering_across_instances() -> None:
+    spec = identity_spec("dynamic_batching { preserve_ordering: true } "
+                         "instance_group [{ count: 2 kind: KIND_CPU }]", max_batch=1)
+    slow, fast = GatedBackend(spec, Path(".")), GatedBackend(spec, Path("."), )
+    fast.gate.set()
+    done: list[float] = []
+
+    async def main() -> None:
+        batcher = DynamicBatcher(spec, [slow, fast], ModelStats())  # type: ignore[arg-type]
+        batcher.start()
+
+        async def one(value: float) -> None:
+            await _submit(batcher, value)
+            done.append(value)
+
+        first = asyncio.ensure_future(one(0.0))  # goes to `slow`
+        await asyncio.sleep(0.02)
+        second = asyncio.ensure_future(one(1.0))  # goes to `fast`, finishes first
+        await asyncio.sleep(0.1)
+        assert done == []  # held back until the earlier batch is delivered
+        slow.gate.set()
+        await asyncio.gather(first, second)
+        await batcher.drain()
+
+    run(main())
+    assert done == [0.0, 1.0]

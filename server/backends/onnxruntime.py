@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -131,7 +132,12 @@ class OnnxRuntimeBackend(Backend):
 
         params = self.spec.parameters
         options = ort.SessionOptions()
-        options.intra_op_num_threads = int(params.get("intra_op_thread_count", "0") or 0)
+        # Default: half the cores, at most 4, per instance; ONNX Runtime's own default (every
+        # core) starves the event loop thread that feeds it on a small machine.
+        default_threads = max(1, min(4, (os.cpu_count() or 2) // 2))
+        options.intra_op_num_threads = int(
+            params.get("intra_op_thread_count", "") or default_threads
+        )
         options.inter_op_num_threads = int(params.get("inter_op_thread_count", "0") or 0)
         # Spinning intra-op threads burn a core each between batches; on a small CPU that
         # core is the one the front end needs. Opt back in with allow_spinning "1".

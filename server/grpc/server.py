@@ -59,6 +59,16 @@ def _set_parameters(target: Any, params: dict[str, bool | int | float | str]) ->
             target[key].string_param = str(value)
 
 
+def _parse_infer_request(data: bytes) -> Any:
+    try:
+        return proto.ModelInferRequest.FromString(data)
+    except Exception as exc:  # upb's DecodeError
+        raise invalid(f"ModelInferRequest does not parse: {exc}") from None
+
+
+_DATATYPES = {d.value: d for d in DataType}
+
+
 def decode_infer_request(message: Any) -> InferRequest:
     raw = message.raw_input_contents
     if raw and len(raw) != len(message.inputs):
@@ -68,10 +78,12 @@ def decode_infer_request(message: Any) -> InferRequest:
         )
     inputs = []
     for index, tensor in enumerate(message.inputs):
-        try:
-            datatype = DataType.from_wire(tensor.datatype)
-        except ValueError as exc:
-            raise invalid(f"input '{tensor.name}': {exc}") from None
+        datatype = _DATATYPES.get(tensor.datatype)
+        if datatype is None:
+            raise invalid(
+                f"input '{tensor.name}': unknown datatype '{tensor.datatype}', expected one of "
+                f"{', '.join(_DATATYPES)}"
+            )
         shape = check_shape(tensor.name, tensor.shape)
         if raw:
             data = from_raw(tensor.name, datatype, shape, raw[index])
@@ -160,10 +172,13 @@ class GrpcService:
                 target.add(name=t.name, datatype=t.datatype, shape=t.shape)
         return message
 
-    async def ModelInfer(self, request: Any, context: Any) -> Any:
-        infer_request = decode_infer_request(request)
-        response = await self.dataplane.infer(infer_request)
-        return encode_infer_response(response)
+    async def ModelInfer(self, request: bytes, context: Any) -> bytes:
+        """The hot path: raw bytes in and out, parsed and serialized here (upb) rather than
+        by grpc's generic (de)serializer callbacks."""
+        message = _parse_infer_request(request)
+        response = await self.dataplane.infer(decode_infer_request(message))
+        serialized: bytes = encode_infer_response(response).SerializeToString()
+        return serialized
 
     async def ModelConfig(self, request: Any, context: Any) -> Any:
         config = self.dataplane.model_config(request.name, request.version)
@@ -267,6 +282,9 @@ def generic_handler(service: GrpcService) -> grpc.GenericRpcHandler:
             continue
         method = getattr(service, name, None)
         call = _unary(method) if method is not None else _unimplemented(name, UNIMPLEMENTED[name])
+        if name == "ModelInfer":  # raw bytes: ModelInfer parses and serializes itself
+            handlers[name] = grpc.unary_unary_rpc_method_handler(call)
+            continue
         handlers[name] = grpc.unary_unary_rpc_method_handler(
             call, request_deserializer=deserializer, response_serializer=serializer
         )

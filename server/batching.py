@@ -8,8 +8,8 @@ row ranges. The event loop then answers every request of the batch: with its row
 batch's error. Nothing here blocks the event loop.
 
 Waiting for a fuller batch (`max_queue_delay_microseconds`, measured from the oldest request on
-the monotonic clock) only happens while more than one request arrived since the last dispatch:
-a lone request on an idle instance is dispatched at once and pays no delay.
+the monotonic clock) only happens while other requests are admitted (queued, executing or being
+answered): a lone request on an idle instance is dispatched at once and pays no delay.
 
 A request leaves the queue when its client cancels (its future is cancelled) or when its queue
 timeout expires (answered UNAVAILABLE, as Triton does, unless the policy's timeout action is
@@ -98,7 +98,6 @@ class DynamicBatcher:
         ]
         self._default_level = max(settings.default_priority_level, 1) - 1
         self._queued = 0
-        self._arrivals = 0  # requests queued since the last dispatch
         self._delay_timer: asyncio.TimerHandle | None = None
         self._seq = 0
         self._next_delivery = 0
@@ -181,7 +180,6 @@ class DynamicBatcher:
             request.timer = self._loop.call_later(timeout_us / 1e6, self._expire, request)
         waiting.append(request)
         self._queued += 1
-        self._arrivals += 1
         self._in_flight += 1
         self._idle.clear()
         self._dispatch()
@@ -258,7 +256,10 @@ class DynamicBatcher:
 
     def _should_wait(self) -> bool:
         """Wait for a fuller batch until the oldest request's delay expires."""
-        if not self._delay_ns or self._arrivals <= 1 or self._queued_rows() >= self._target_rows:
+        if not self._delay_ns:
+            return False
+        lone = self._queued == 1 and self._in_flight == 1  # nothing else admitted anywhere
+        if lone or self._queued_rows() >= self._target_rows:
             return False
         oldest = min(q[0].enqueued_ns for q in self._queues if q)
         remaining = oldest + self._delay_ns - time.monotonic_ns()
@@ -271,7 +272,6 @@ class DynamicBatcher:
 
     def _delay_expired(self) -> None:
         self._delay_timer = None
-        self._arrivals = 0
         self._dispatch()
 
     def _queued_rows(self) -> int:
@@ -308,7 +308,6 @@ class DynamicBatcher:
             waiting.extendleft(reversed(kept))
             if rows >= self._max_rows or (batch and not self._batching):
                 break
-        self._arrivals = self._queued
         return batch
 
     # -- instance thread ------------------------------------------------------------------

@@ -33,7 +33,7 @@ class TachyonServer:
         self._stopped = asyncio.Event()
 
     async def start(self) -> None:
-        await self.manager.load_repository()
+        await self.manager.start()
         self.dataplane.started = True
         s = self.settings
         if s.allow_grpc:

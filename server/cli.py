@@ -41,8 +41,13 @@ def _serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     p.add_argument("--allow-grpc", type=_bool, default=True, metavar="BOOL", help="serve gRPC")
     p.add_argument("--allow-metrics", type=_bool, default=True, metavar="BOOL",
                    help="serve Prometheus metrics (not built yet)")
-    p.add_argument("--model-control-mode", choices=("none",), default="none",
-                   help="none: load every model at start (poll and explicit: coming)")
+    p.add_argument("--model-control-mode", choices=("none", "poll", "explicit"), default="none",
+                   help="none: load every model at start; poll: also follow the repository's "
+                   "changes; explicit: load only --load-model models and what load requests ask")
+    p.add_argument("--load-model", action="append", default=[], metavar="NAME",
+                   help="with explicit mode: a model to load at start (repeatable; '*' = all)")
+    p.add_argument("--repository-poll-secs", type=float, default=15.0, metavar="S",
+                   help="with poll mode: seconds between repository scans")
     p.add_argument("--strict-model-config", type=_bool, nargs="?", const=True, default=False,
                    metavar="BOOL",
                    help="refuse models whose config.pbtxt does not list inputs and outputs, "
@@ -90,6 +95,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             allow_grpc=args.allow_grpc,
             allow_metrics=args.allow_metrics,
             model_control_mode=args.model_control_mode,
+            load_models=tuple(args.load_model),
+            repository_poll_secs=args.repository_poll_secs,
             strict_model_config=args.strict_model_config,
             default_max_batch_size=args.default_max_batch_size,
             max_request_bytes=args.max_request_bytes,

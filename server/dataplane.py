@@ -138,6 +138,14 @@ class DataPlane:
             entries = [v for v in self.manager.entries() if v.ready]
         return [(e.name, e.version, e.stats) for e in entries]
 
+    async def load_model(
+        self, name: str, config_json: str | None = None, files: dict[str, bytes] | None = None
+    ) -> None:
+        await self.manager.load(name, config_json, files)
+
+    async def unload_model(self, name: str) -> None:
+        await self.manager.unload_request(name)
+
     def repository_index(self, ready_only: bool = False) -> list[IndexEntry]:
         return [
             IndexEntry(v.name, str(v.version) if v.version else "", v.state.value, v.reason)

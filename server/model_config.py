@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from google.protobuf import text_format
+from google.protobuf import json_format, text_format
 
 from server import proto
 from server.types import DataType, TensorSpec
@@ -93,6 +93,20 @@ def parse_config(text: str, model_name: str) -> Any:
         text_format.Parse(text, config)
     except text_format.ParseError as exc:
         raise ConfigError(f"model '{model_name}': {CONFIG_FILE} is not valid: {exc}") from None
+    if not config.name:
+        config.name = model_name
+    return config
+
+
+def parse_config_json(text: str, model_name: str) -> Any:
+    """A config given as JSON (RepositoryModelLoad's `config` parameter, as in Triton)."""
+    config = proto.ModelConfig()
+    try:
+        json_format.Parse(text, config)
+    except json_format.ParseError as exc:
+        raise ConfigError(
+            f"model '{model_name}': the 'config' parameter is not valid: {exc}"
+        ) from None
     if not config.name:
         config.name = model_name
     return config

@@ -200,6 +200,26 @@ class GrpcService:
             )
         return message
 
+    async def RepositoryModelLoad(self, request: Any, context: Any) -> Any:
+        config_json = None
+        files: dict[str, bytes] = {}
+        for key, value in request.parameters.items():
+            kind = value.WhichOneof("parameter_choice")
+            if key == "config":
+                raw = value.string_param if kind == "string_param" else value.bytes_param
+                config_json = raw if isinstance(raw, str) else raw.decode()
+            elif key.startswith("file:"):
+                files[key[5:]] = value.bytes_param
+            else:
+                raise invalid(f"RepositoryModelLoad: unknown parameter '{key}', expected "
+                              "'config' or 'file:<version>/<name>'")
+        await self.dataplane.load_model(request.model_name, config_json, files or None)
+        return proto.RepositoryModelLoadResponse()
+
+    async def RepositoryModelUnload(self, request: Any, context: Any) -> Any:
+        await self.dataplane.unload_model(request.model_name)
+        return proto.RepositoryModelUnloadResponse()
+
     async def ModelStreamInfer(
         self, requests: AsyncIterator[Any], context: Any
     ) -> AsyncIterator[Any]:
@@ -236,8 +256,6 @@ class GrpcService:
 
 
 UNIMPLEMENTED = {
-    "RepositoryModelLoad": "needs --model-control-mode explicit, which is not built yet",
-    "RepositoryModelUnload": "needs --model-control-mode explicit, which is not built yet",
     "SystemSharedMemoryStatus": "system shared memory is not supported yet",
     "SystemSharedMemoryRegister": "system shared memory is not supported yet",
     "SystemSharedMemoryUnregister": "system shared memory is not supported yet",

@@ -8,6 +8,8 @@ declaring its size in `parameters.binary_data_size`. Outputs asked for with
 
 from __future__ import annotations
 
+import base64
+import binascii
 import logging
 from typing import Any
 
@@ -19,8 +21,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from server.dataplane import DataPlane
-from server.errors import Code, ServingError, exhausted, invalid, unimplemented
-from server.grpc.server import UNIMPLEMENTED
+from server.errors import Code, ServingError, exhausted, invalid
 from server.statistics import Duration, ModelStats
 from server.tensors import check_shape, from_json, from_raw, to_json, to_raw
 from server.types import DataType, InferInput, InferRequest, InferResponse, RequestedOutput
@@ -382,10 +383,39 @@ class HttpApp:
         return _json(entries)
 
     async def load(self, request: Request) -> Response:
-        raise unimplemented(f"RepositoryModelLoad: {UNIMPLEMENTED['RepositoryModelLoad']}")
+        """POST /v2/repository/models/{m}/load, body {"parameters": {"config": "<json>",
+        "file:<version>/<name>": "<base64>"}} as in Triton."""
+        body = await request.body()
+        params: dict[str, Any] = {}
+        if body:
+            try:
+                payload = orjson.loads(body)
+            except orjson.JSONDecodeError as exc:
+                raise invalid(f"request body is not valid JSON: {exc}") from None
+            params = (payload or {}).get("parameters") or {} if isinstance(payload, dict) else {}
+            if not isinstance(params, dict):
+                raise invalid(f"'parameters' must be an object, got {params!r}")
+        config_json = None
+        files: dict[str, bytes] = {}
+        for key, value in params.items():
+            if key == "config":
+                config_json = value if isinstance(value, str) else orjson.dumps(value).decode()
+            elif key.startswith("file:"):
+                try:
+                    files[key[5:]] = base64.b64decode(value, validate=True)
+                except (binascii.Error, TypeError, ValueError):
+                    raise invalid(f"parameter '{key}' is not base64") from None
+            else:
+                raise invalid(
+                    f"load: unknown parameter '{key}', expected 'config' or "
+                    "'file:<version>/<name>'"
+                )
+        await self.dataplane.load_model(request.path_params["model"], config_json, files or None)
+        return Response(status_code=200)
 
     async def unload(self, request: Request) -> Response:
-        raise unimplemented(f"RepositoryModelUnload: {UNIMPLEMENTED['RepositoryModelUnload']}")
+        await self.dataplane.unload_model(request.path_params["model"])
+        return Response(status_code=200)
 
 
 def make_server(

@@ -12,12 +12,15 @@ import logging
 import signal
 
 import grpc
+import uvicorn
+from prometheus_client import make_asgi_app
 
 from server.config import ServerSettings
 from server.dataplane import DataPlane
 from server.grpc import server as grpc_server
 from server.http import server as http_server
-from server.manager import ModelManager
+from server.manager import ModelManager, ModelState
+from server.metrics import DEFAULT_LATENCY_BUCKETS, Metrics, StateCollector
 
 log = logging.getLogger(__name__)
 
@@ -25,11 +28,19 @@ log = logging.getLogger(__name__)
 class TachyonServer:
     def __init__(self, settings: ServerSettings) -> None:
         self.settings = settings
-        self.manager = ModelManager(settings)
+        self.metrics: Metrics | None = None
+        if settings.allow_metrics:
+            self.metrics = Metrics(settings.metrics_latency_buckets or DEFAULT_LATENCY_BUCKETS)
+        self.manager = ModelManager(settings, self.metrics)
+        if self.metrics is not None:
+            states = [s.value for s in ModelState]
+            self.metrics.add_state_collector(StateCollector(self.manager.entries, states))
         self.dataplane = DataPlane(settings, self.manager)
         self._grpc: grpc.aio.Server | None = None
         self._http_task: asyncio.Task[None] | None = None
         self._http: object | None = None
+        self._metrics_server: uvicorn.Server | None = None
+        self._metrics_task: asyncio.Task[None] | None = None
         self._stopped = asyncio.Event()
 
     async def start(self) -> None:
@@ -50,7 +61,25 @@ class TachyonServer:
                     raise OSError(f"HTTP server on {s.host}:{s.http_port} did not start")
                 await asyncio.sleep(0.01)
             log.info("HTTP listening on %s:%d", s.host, s.http_port)
+        if self.metrics is not None:
+            await self._start_metrics()
         log.info("Tachyon is ready: %d model versions", len(self.manager.entries()))
+
+    async def _start_metrics(self) -> None:
+        assert self.metrics is not None
+        app = make_asgi_app(self.metrics.registry)
+        config = uvicorn.Config(
+            app, host=self.settings.host, port=self.settings.metrics_port, loop="none",
+            lifespan="off", log_level="warning", access_log=False, ws="none",
+        )
+        self._metrics_server = uvicorn.Server(config)
+        self._metrics_task = asyncio.get_running_loop().create_task(self._metrics_server.serve())
+        while not self._metrics_server.started:
+            if self._metrics_task.done():
+                self._metrics_task.result()
+                raise OSError(f"metrics server on port {self.settings.metrics_port} did not start")
+            await asyncio.sleep(0.01)
+        log.info("metrics on %s:%d/metrics", self.settings.host, self.settings.metrics_port)
 
     async def stop(self, grace: float = 10.0) -> None:
         if self._grpc is not None:
@@ -60,6 +89,10 @@ class TachyonServer:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._http_task
         await self.manager.shutdown()
+        if self._metrics_server is not None and self._metrics_task is not None:
+            self._metrics_server.should_exit = True
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._metrics_task
         self._stopped.set()
 
     async def run_until_signal(self) -> None:

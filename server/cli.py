@@ -21,6 +21,18 @@ def _bool(value: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
 
 
+def _buckets(value: str) -> tuple[float, ...]:
+    try:
+        buckets = tuple(sorted(float(v) for v in value.split(",") if v.strip()))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected seconds like 0.001,0.01,0.1, got {value!r}"
+        ) from None
+    if not buckets or buckets[0] <= 0:
+        raise argparse.ArgumentTypeError(f"expected positive seconds, got {value!r}")
+    return buckets
+
+
 def _serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "serve",
@@ -35,12 +47,14 @@ def _serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     p.add_argument("--http-port", type=int, default=8000, help="HTTP/REST port")
     p.add_argument("--grpc-port", type=int, default=8001, help="gRPC port")
     p.add_argument("--metrics-port", type=int, default=8002,
-                   help="Prometheus metrics port (reserved: the endpoint is not built yet)")
+                   help="Prometheus metrics port (/metrics)")
     p.add_argument("--allow-http", type=_bool, default=True, metavar="BOOL",
                    help="serve HTTP/REST")
     p.add_argument("--allow-grpc", type=_bool, default=True, metavar="BOOL", help="serve gRPC")
     p.add_argument("--allow-metrics", type=_bool, default=True, metavar="BOOL",
-                   help="serve Prometheus metrics (not built yet)")
+                   help="serve Prometheus metrics")
+    p.add_argument("--metrics-latency-buckets", type=_buckets, default=(), metavar="S,S,...",
+                   help="histogram bucket boundaries in seconds (default: 100us .. 5s)")
     p.add_argument("--model-control-mode", choices=("none", "poll", "explicit"), default="none",
                    help="none: load every model at start; poll: also follow the repository's "
                    "changes; explicit: load only --load-model models and what load requests ask")
@@ -101,6 +115,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             default_max_batch_size=args.default_max_batch_size,
             max_request_bytes=args.max_request_bytes,
             model_load_threads=args.model_load_thread_count,
+            metrics_latency_buckets=args.metrics_latency_buckets,
         )
         from server.app import run
 

@@ -28,5 +28,7 @@ class ServerSettings:
     max_request_bytes: int = 64 * 1024 * 1024
     """Requests above this size are refused with RESOURCE_EXHAUSTED / 413."""
     model_load_threads: int = 4
+    metrics_latency_buckets: tuple[float, ...] = ()
+    """Histogram bucket boundaries in seconds; empty: server.metrics.DEFAULT_LATENCY_BUCKETS."""
     server_id: str = "tachyon"
     extra: dict[str, str] = field(default_factory=dict)

@@ -6,13 +6,14 @@ codes to their statuses. No model logic lives in a transport.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass
 from typing import Any
 
 from server import __version__
 from server.config import ServerSettings
-from server.errors import invalid
+from server.errors import Code, ServingError, invalid
 from server.manager import ModelManager, ModelVersion
 from server.model_config import ModelSpec
 from server.statistics import ModelStats
@@ -116,10 +117,10 @@ class DataPlane:
             outputs = await batcher.submit(
                 {i.name: i.data for i in request.inputs}, names, rows, level, timeout
             )
-        except Exception:
-            entry.stats.fail.add(time.monotonic_ns() - start)
+        except BaseException as exc:
+            entry.stats.record_failure(time.monotonic_ns() - start, _failure_reason(exc))
             raise
-        entry.stats.success.add(time.monotonic_ns() - start)
+        entry.stats.record_success(time.monotonic_ns() - start)
         return InferResponse(
             model_name=request.model_name,
             model_version=str(entry.version),
@@ -152,6 +153,20 @@ class DataPlane:
             for v in self.manager.entries()
             if v.ready or not ready_only
         ]
+
+
+def _failure_reason(exc: BaseException) -> str:
+    """The `reason` label of a failed request: rejected, cancelled, backend or other."""
+    if isinstance(exc, asyncio.CancelledError):
+        return "cancelled"
+    if isinstance(exc, ServingError):
+        if exc.code in (Code.RESOURCE_EXHAUSTED, Code.UNAVAILABLE):
+            return "rejected"
+        if exc.code is Code.CANCELLED:
+            return "cancelled"
+        if exc.code is Code.INTERNAL:
+            return "backend"
+    return "other"
 
 
 def _spec(entry: ModelVersion) -> ModelSpec:

@@ -30,6 +30,7 @@ from server.backends import Backend, factory
 from server.batching import DynamicBatcher
 from server.config import ServerSettings
 from server.errors import ServingError, invalid, not_found, unavailable
+from server.metrics import Metrics
 from server.model_config import ConfigError, ModelSpec
 from server.statistics import ModelStats
 from server.warmup import warm_up
@@ -96,8 +97,9 @@ def _trim_heap() -> None:
 
 
 class ModelManager:
-    def __init__(self, settings: ServerSettings) -> None:
+    def __init__(self, settings: ServerSettings, metrics: Metrics | None = None) -> None:
         self.settings = settings
+        self.metrics = metrics
         self._models: dict[str, dict[int, ModelVersion]] = {}
         # the version a request without a version goes to, refreshed on every state change
         self._default: dict[str, ModelVersion] = {}
@@ -363,6 +365,8 @@ class ModelManager:
         entry = ModelVersion(
             name, version, ModelState.READY, "", config, spec, backends, fingerprint=fingerprint
         )
+        if self.metrics is not None:
+            entry.stats.metrics = self.metrics.version(name, version)
         entry.batcher = DynamicBatcher(spec, backends, entry.stats)
         entry.batcher.start()
         table[version] = entry  # the switch: new requests go to the new load from here on

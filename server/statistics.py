@@ -9,6 +9,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+from server.metrics import VersionMetrics
+
 
 @dataclass(slots=True)
 class Duration:
@@ -39,6 +41,19 @@ class ModelStats:
     execution_count: int = 0
     last_inference_ms: int = 0
     batches: dict[int, BatchStats] = field(default_factory=dict)
+    metrics: VersionMetrics | None = None  # the Prometheus side of the same numbers
+
+    def record_success(self, ns: int) -> None:
+        self.success.add(ns)
+        if self.metrics is not None:
+            self.metrics.success.inc()
+            self.metrics.request.observe(ns / 1e9)
+
+    def record_failure(self, ns: int, reason: str) -> None:
+        """`reason`: rejected, cancelled, backend or other."""
+        self.fail.add(ns)
+        if self.metrics is not None:
+            self.metrics.failures[reason].inc()
 
     def record_batch(
         self, rows: int, requests: int, queue_ns: list[int], input_ns: int, infer_ns: int,
@@ -60,3 +75,13 @@ class ModelStats:
         batch.compute_input.add(input_ns)
         batch.compute_infer.add(infer_ns)
         batch.compute_output.add(output_ns)
+        m = self.metrics
+        if m is not None:
+            for ns in queue_ns:
+                m.queue.observe(ns / 1e9)
+            m.compute_input.observe(input_ns / 1e9)
+            m.compute_infer.observe(infer_ns / 1e9)
+            m.compute_output.observe(output_ns / 1e9)
+            m.batch_size.observe(rows)
+            m.inferences.inc(rows)
+            m.executions.inc()

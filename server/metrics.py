@@ -1,0 +1,176 @@
+"""Every Prometheus metric Tachyon exports, in one place.
+
+Triton's families under the `tachyon_` prefix, labelled `model` and `version`. Durations are
+histograms (Triton users ask for these: triton#2685, #3060). The hot path touches only
+pre-bound label children (`VersionMetrics`); gauges that describe state (pending requests,
+model states, uptime, GPUs) are read at scrape time by a collector, costing requests nothing.
+
+Request-level histograms (request, queue) observe once per request; compute histograms
+(input, infer, output) and the batch-size histogram observe once per model execution, which is
+what an operator tuning batching wants to see.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+log = logging.getLogger(__name__)
+
+DEFAULT_LATENCY_BUCKETS = (
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+    2.5, 5.0,
+)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+FAILURE_REASONS = ("rejected", "cancelled", "backend", "other")
+LABELS = ("model", "version")
+
+
+class Metrics:
+    """The registry and metric families of one server."""
+
+    def __init__(self, latency_buckets: Sequence[float] = DEFAULT_LATENCY_BUCKETS) -> None:
+        disable_created_metrics()  # `_created` series double the output and help nobody here
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        buckets = tuple(latency_buckets)
+        self.success = Counter(
+            "tachyon_inference_request_success", "Successful inference requests", LABELS,
+            registry=r,
+        )
+        self.failure = Counter(
+            "tachyon_inference_request_failure", "Failed inference requests, by reason",
+            (*LABELS, "reason"), registry=r,
+        )
+        self.inference_count = Counter(
+            "tachyon_inference_count", "Inferences performed (rows: a batch of 8 counts 8)",
+            LABELS, registry=r,
+        )
+        self.execution_count = Counter(
+            "tachyon_inference_exec_count", "Model executions (batches)", LABELS, registry=r,
+        )
+        self.request_duration = Histogram(
+            "tachyon_request_duration_seconds",
+            "Time from a request's admission to its response, per request", LABELS,
+            buckets=buckets, registry=r,
+        )
+        self.queue_duration = Histogram(
+            "tachyon_queue_duration_seconds", "Time a request waited in the queue", LABELS,
+            buckets=buckets, registry=r,
+        )
+        self.compute_input_duration = Histogram(
+            "tachyon_compute_input_duration_seconds",
+            "Time to gather a batch's inputs, per execution", LABELS, buckets=buckets, registry=r,
+        )
+        self.compute_infer_duration = Histogram(
+            "tachyon_compute_infer_duration_seconds",
+            "Time the backend ran a batch, per execution", LABELS, buckets=buckets, registry=r,
+        )
+        self.compute_output_duration = Histogram(
+            "tachyon_compute_output_duration_seconds",
+            "Time to split a batch's outputs, per execution", LABELS, buckets=buckets, registry=r,
+        )
+        self.batch_size = Histogram(
+            "tachyon_batch_size", "Rows per model execution", LABELS, buckets=BATCH_BUCKETS,
+            registry=r,
+        )
+
+    def version(self, model: str, version: int) -> VersionMetrics:
+        return VersionMetrics(self, model, str(version))
+
+    def add_state_collector(self, collector: Collector) -> None:
+        self.registry.register(collector)
+
+
+class VersionMetrics:
+    """The label children of one model version, bound once (`labels()` is slow)."""
+
+    __slots__ = (
+        "batch_size", "compute_infer", "compute_input", "compute_output", "executions",
+        "failures", "inferences", "queue", "request", "success",
+    )
+
+    def __init__(self, metrics: Metrics, model: str, version: str) -> None:
+        labels = (model, version)
+        self.success = metrics.success.labels(*labels)
+        self.failures = {
+            reason: metrics.failure.labels(*labels, reason) for reason in FAILURE_REASONS
+        }
+        self.inferences = metrics.inference_count.labels(*labels)
+        self.executions = metrics.execution_count.labels(*labels)
+        self.request = metrics.request_duration.labels(*labels)
+        self.queue = metrics.queue_duration.labels(*labels)
+        self.compute_input = metrics.compute_input_duration.labels(*labels)
+        self.compute_infer = metrics.compute_infer_duration.labels(*labels)
+        self.compute_output = metrics.compute_output_duration.labels(*labels)
+        self.batch_size = metrics.batch_size.labels(*labels)
+
+
+class StateCollector(Collector):
+    """Gauges read at scrape time: pending requests and state per version, uptime, GPUs."""
+
+    def __init__(self, entries: Callable[[], Iterable[Any]], states: Sequence[str]) -> None:
+        self._entries = entries
+        self._states = states
+        self._started = time.monotonic()
+        self._nvml = _nvml()
+
+    def collect(self) -> Iterable[GaugeMetricFamily]:
+        pending = GaugeMetricFamily(
+            "tachyon_inference_pending_requests", "Requests waiting in the queue",
+            labels=LABELS,
+        )
+        state = GaugeMetricFamily(
+            "tachyon_model_state", "1 for the state a model version is in, 0 for the others",
+            labels=(*LABELS, "state"),
+        )
+        for entry in self._entries():
+            labels = [entry.name, str(entry.version)]
+            batcher = entry.batcher
+            pending.add_metric(labels, batcher.pending if batcher is not None else 0)
+            for name in self._states:
+                state.add_metric([*labels, name], 1.0 if entry.state.value == name else 0.0)
+        yield pending
+        yield state
+        yield GaugeMetricFamily(
+            "tachyon_server_uptime_seconds", "Seconds since the server started",
+            value=time.monotonic() - self._started,
+        )
+        if self._nvml is not None:
+            yield from _gpu_metrics(self._nvml)
+
+
+def _nvml() -> Any:
+    """nvidia-ml-py when a GPU is present; None (with a log line) otherwise."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        if pynvml.nvmlDeviceGetCount() == 0:
+            raise RuntimeError("no GPU")
+    except Exception as exc:
+        log.info("GPU metrics off: %s", exc)
+        return None
+    return pynvml
+
+
+def _gpu_metrics(nvml: Any) -> Iterable[GaugeMetricFamily]:
+    util = GaugeMetricFamily("tachyon_gpu_utilization", "GPU utilization (0..1)", labels=["gpu"])
+    used = GaugeMetricFamily("tachyon_gpu_memory_used_bytes", "GPU memory in use", labels=["gpu"])
+    total = GaugeMetricFamily("tachyon_gpu_memory_total_bytes", "GPU memory", labels=["gpu"])
+    power = GaugeMetricFamily("tachyon_gpu_power_watts", "GPU power draw", labels=["gpu"])
+    for index in range(nvml.nvmlDeviceGetCount()):
+        handle = nvml.nvmlDeviceGetHandleByIndex(index)
+        gpu = [str(index)]
+        util.add_metric(gpu, nvml.nvmlDeviceGetUtilizationRates(handle).gpu / 100.0)
+        memory = nvml.nvmlDeviceGetMemoryInfo(handle)
+        used.add_metric(gpu, float(memory.used))
+        total.add_metric(gpu, float(memory.total))
+        power.add_metric(gpu, nvml.nvmlDeviceGetPowerUsage(handle) / 1000.0)
+    yield from (util, used, total, power)

@@ -383,7 +383,8 @@ class DynamicBatcher:
             error = batch.error
             if not isinstance(error, ServingError):
                 log.error(
-                    "model '%s': batch of %d failed: %r", self.spec.name, len(requests), error
+                    "model '%s': batch of %d failed: %r", self.spec.name, len(requests), error,
+                    exc_info=error,
                 )
                 error = internal(f"model '{self.spec.name}' failed: {error}")
             for request in requests:

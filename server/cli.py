@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from server import __version__
+from server import __version__, logs
 from server.config import ServerSettings
 
 
@@ -73,7 +72,9 @@ def _serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     p.add_argument("--model-load-thread-count", type=int, default=4, metavar="N",
                    help="threads that load models in parallel")
     p.add_argument("--log-verbose", type=int, default=0, metavar="N",
-                   help="0: info, 1 or more: debug")
+                   help="0: info; 1: debug, a line per request; 2: also library debug lines")
+    p.add_argument("--log-format", choices=("text", "json"), default="text",
+                   help="text lines, or one JSON object per line")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -90,11 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "serve":
-        logging.basicConfig(
-            level=logging.DEBUG if args.log_verbose else logging.INFO,
-            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-            stream=sys.stderr,
-        )
+        logs.configure(args.log_verbose, args.log_format)
         if not args.model_repository.is_dir():
             print(f"tachyon: --model-repository {args.model_repository} is not a directory",
                   file=sys.stderr)

@@ -7,17 +7,20 @@ codes to their statuses. No model logic lives in a transport.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from dataclasses import dataclass
 from typing import Any
 
-from server import __version__
+from server import __version__, logs
 from server.config import ServerSettings
 from server.errors import Code, ServingError, invalid
 from server.manager import ModelManager, ModelVersion
 from server.model_config import ModelSpec
 from server.statistics import ModelStats
 from server.types import InferInput, InferRequest, InferResponse, OutputTensor
+
+log = logging.getLogger(__name__)
 
 EXTENSIONS = (
     "binary_tensor_data",
@@ -102,7 +105,13 @@ class DataPlane:
     # -- inference ------------------------------------------------------------------------
 
     async def infer(self, request: InferRequest) -> InferResponse:
-        entry = self.manager.get(request.model_name, request.model_version)
+        if request.id:
+            logs.request_id.set(request.id)  # each request runs in its own task's context
+        try:
+            entry = self.manager.get(request.model_name, request.model_version)
+        except ServingError as exc:
+            log.info("request failed: %s", exc.message)
+            raise
         spec = _spec(entry)
         start = time.monotonic_ns()
         try:
@@ -118,9 +127,13 @@ class DataPlane:
                 {i.name: i.data for i in request.inputs}, names, rows, level, timeout
             )
         except BaseException as exc:
-            entry.stats.record_failure(time.monotonic_ns() - start, _failure_reason(exc))
+            reason = _failure_reason(exc)
+            entry.stats.record_failure(time.monotonic_ns() - start, reason)
+            _log_failure(request, reason, exc)
             raise
         entry.stats.record_success(time.monotonic_ns() - start)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("infer %s version %d: %d rows", request.model_name, entry.version, rows)
         return InferResponse(
             model_name=request.model_name,
             model_version=str(entry.version),
@@ -153,6 +166,14 @@ class DataPlane:
             for v in self.manager.entries()
             if v.ready or not ready_only
         ]
+
+
+def _log_failure(request: InferRequest, reason: str, exc: BaseException) -> None:
+    """Each failed request is logged once, here, with its cause (a backend error's traceback
+    is logged once per batch by the batcher, so its requests log at debug level)."""
+    message = exc.message if isinstance(exc, ServingError) else repr(exc)
+    level = logging.DEBUG if reason == "backend" else logging.INFO
+    log.log(level, "request to '%s' failed (%s): %s", request.model_name, reason, message)
 
 
 def _failure_reason(exc: BaseException) -> str:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, RunningServer, tachyon_command
+from tests.conftest import ROOT, RunningServer, ServerFactory, tachyon_command
 
 PERF_ANALYZER = ROOT / ".tools" / "perf_analyzer" / "perf_analyzer"
 
@@ -63,3 +63,29 @@ def test_perf_analyzer_runs_without_errors(bundled: RunningServer, protocol: str
     assert result.returncode == 0, output
     assert re.search(r"Throughput: [\d.]+ infer/sec", output), output
     assert "error" not in output.lower().replace("std error", ""), output
+
+
+def test_json_logs_carry_the_request_id(start_server: ServerFactory, tmp_path: Path) -> None:
+    import json
+    import shutil
+
+    import numpy as np
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import InferenceServerException
+
+    shutil.copytree(ROOT / "model_repository" / "identity_fp32", tmp_path / "identity_fp32")
+    server = start_server(tmp_path, "--log-format", "json", "--log-verbose", "1")
+    client = grpcclient.InferenceServerClient(server.grpc_url)
+    bad = grpcclient.InferInput("INPUT0", [1, 15], "FP32")
+    bad.set_data_from_numpy(np.zeros((1, 15), dtype=np.float32))
+    with pytest.raises(InferenceServerException):
+        client.infer("identity_fp32", [bad], request_id="req-bad-42")
+    good = grpcclient.InferInput("INPUT0", [1, 16], "FP32")
+    good.set_data_from_numpy(np.zeros((1, 16), dtype=np.float32))
+    client.infer("identity_fp32", [good], request_id="req-good-7")
+    server.stop()
+    lines = [json.loads(line) for line in server.log().splitlines() if line.startswith("{")]
+    assert lines and all({"time", "level", "logger", "message"} <= set(e) for e in lines)
+    failed = [e for e in lines if e.get("request_id") == "req-bad-42"]
+    assert len(failed) == 1 and "expected [-1, 16]" in failed[0]["message"]
+    assert any(e.get("request_id") == "req-good-7" for e in lines)

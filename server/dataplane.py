@@ -123,9 +123,12 @@ class DataPlane:
             level, timeout = batcher.check_parameters(
                 params.get("priority"), params.get("timeout")
             )
-            outputs = await batcher.submit(
-                {i.name: i.data for i in request.inputs}, names, rows, level, timeout
-            )
+            inputs = {i.name: i.data for i in request.inputs}
+            try:
+                entry.backends[0].check_request(inputs)
+            except ValueError as exc:
+                raise invalid(str(exc)) from None
+            outputs = await batcher.submit(inputs, names, rows, level, timeout)
         except BaseException as exc:
             reason = _failure_reason(exc)
             entry.stats.record_failure(time.monotonic_ns() - start, reason)

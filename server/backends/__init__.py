@@ -11,6 +11,10 @@ def factory(backend: str) -> BackendFactory:
         from server.backends.onnxruntime import OnnxRuntimeBackend
 
         return OnnxRuntimeBackend
+    if backend == "faiss":
+        from server.backends.faiss import FaissBackend
+
+        return FaissBackend
     raise ValueError(f"backend '{backend}' is not available in this build")
 
 

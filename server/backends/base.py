@@ -36,6 +36,12 @@ class Backend(ABC):
         file, in place. Backends that cannot describe themselves leave it as it is."""
         return None  # an optional hook: most backends describe themselves
 
+    def check_request(self, inputs: dict[str, Array]) -> None:
+        """Per-request checks beyond names, types and shapes, run on the event loop before
+        the request is queued, so one bad request cannot fail a whole batch. Raise ValueError
+        with a message for the client. Must be cheap and thread-safe."""
+        return None  # an optional hook: most backends need nothing more
+
     @abstractmethod
     def load(self) -> None: ...
 

@@ -1,0 +1,347 @@
+"""FAISS backend: a nearest-neighbour index (`index.faiss`) served as a model.
+
+Anything `faiss.read_index` reads serves: Flat, IVF, HNSW, PQ, with or without an IDMap. The
+model takes `QUERY` (FP32 [-1, d]) and answers the k nearest stored vectors: `DISTANCES` (FP32
+[-1, k]) and `IDS` (INT64 [-1, k]; -1 where the index holds fewer than k vectors). Search
+settings come from config.pbtxt `parameters`: `k`, `max_k`, `nprobe` (IVF), `efSearch` (HNSW),
+and `metric` ("L2" | "INNER_PRODUCT"), which load checks against the index.
+
+Each instance owns its copy of the index (on a GPU when one is present and the instance group
+allows it) and runs one `index.search` per batch; FAISS releases the GIL inside.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from server.backends.base import Backend
+from server.model_config import ConfigError, ModelSpec, set_tensor
+from server.types import Array, DataType, TensorSpec
+
+log = logging.getLogger(__name__)
+
+QUERY, DISTANCES, IDS = "QUERY", "DISTANCES", "IDS"
+DEFAULT_K = 10
+GPU_MAX_K = 2048  # the largest k FAISS's GPU k-selection supports
+METRICS = {"L2": "L2", "INNER_PRODUCT": "INNER_PRODUCT", "IP": "INNER_PRODUCT"}
+_OUTPUT_TYPES = {DISTANCES: DataType.FP32, IDS: DataType.INT64}
+_SEARCH_PARAMETERS = {"nprobe": "nprobe", "efSearch": "efSearch"}  # config key -> FAISS name
+
+
+def use_gpu(num_gpus: int, instance_kind: str) -> bool:
+    """Whether an instance runs on a GPU.
+
+    KIND_CPU never does; KIND_GPU must (an error without one); KIND_AUTO and KIND_MODEL do
+    when FAISS sees a GPU, as Triton places KIND_AUTO instances and as the ONNX Runtime backend
+    does.
+    """
+    if instance_kind == "KIND_CPU":
+        return False
+    if instance_kind == "KIND_GPU":
+        if num_gpus < 1:
+            raise ConfigError(
+                "instance_group kind KIND_GPU needs a GPU, but FAISS sees none (install "
+                "faiss-gpu, the [gpu] extra, or use KIND_CPU)"
+            )
+        return True
+    return num_gpus > 0
+
+
+def faiss_reason(exc: BaseException) -> str:
+    """The part of a FAISS error a user can act on, without its C++ function and source line."""
+    text = str(exc).strip()
+    match = re.search(r"at \S+:\d+: (?:Error: '.*?' failed: )?(.*)", text, re.DOTALL)
+    return (match.group(1) if match else text).strip() or type(exc).__name__
+
+
+def import_faiss() -> Any:
+    """The faiss module, or a ConfigError that says what to install."""
+    # faiss logs six INFO lines about the CPU instructions it tried; keep warnings only
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)
+    try:
+        import faiss
+    except ImportError as exc:
+        raise ConfigError(
+            f"the faiss backend needs the faiss-cpu (or faiss-gpu) package: {exc}"
+        ) from None
+    return faiss
+
+
+def read_index(model: str, path: Path) -> Any:
+    faiss = import_faiss()
+    if not path.is_file():
+        raise ConfigError(f"model '{model}': index file {path} does not exist")
+    try:
+        return faiss.read_index(str(path))
+    except RuntimeError as exc:
+        raise ConfigError(
+            f"model '{model}': cannot read {path} as a FAISS index: {faiss_reason(exc)}"
+        ) from None
+
+
+def metric_name(metric_type: int) -> str:
+    """FAISS's metric constant -> its name ("L2", "INNER_PRODUCT", "L1", ...)."""
+    import faiss
+
+    for name in dir(faiss):
+        if name.startswith("METRIC_") and getattr(faiss, name) == metric_type:
+            return name.removeprefix("METRIC_")
+    return str(metric_type)
+
+
+def index_kind(index: Any) -> str:
+    """A short description for messages: 'IndexIDMap(IndexHNSWFlat)'."""
+    import faiss
+
+    index = faiss.downcast_index(index)
+    inner = getattr(index, "index", None)
+    if inner is not None and isinstance(index, faiss.IndexIDMap | faiss.IndexPreTransform):
+        return f"{type(index).__name__}({index_kind(inner)})"
+    return type(index).__name__
+
+
+def apply_search_parameters(index: Any, parameters: dict[str, int], space: Any = None) -> None:
+    """Set `nprobe` / `efSearch` on an index (through IDMap and pre-transform wrappers);
+    raises ValueError naming the parameter when the index has no such setting."""
+    import faiss
+
+    space = space or faiss.ParameterSpace()
+    for name, value in parameters.items():
+        try:
+            space.set_index_parameter(index, _SEARCH_PARAMETERS[name], value)
+        except RuntimeError:
+            raise ValueError(
+                f"parameters.{name} {value} does not apply to this {index_kind(index)} index "
+                f"({'IVF' if name == 'nprobe' else 'HNSW'} indexes only), expected no {name}"
+            ) from None
+
+
+@dataclass(frozen=True, slots=True)
+class SearchSettings:
+    """The validated search parameters of one model."""
+
+    k: int
+    max_k: int
+    metric: str | None  # "L2" | "INNER_PRODUCT"; None: not checked
+    search: dict[str, int]  # nprobe / efSearch, as FAISS names them
+
+
+def _positive_int(model: str, key: str, value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        number = 0
+    if number < 1:
+        raise ConfigError(
+            f"model '{model}': parameters.{key} '{value}' is invalid, expected a positive integer"
+        )
+    return number
+
+
+def _output_k(spec: ModelSpec) -> int | None:
+    """k as the outputs' last dimension says it, when they say it."""
+    found: dict[str, int] = {}
+    for tensor in spec.outputs:
+        if tensor.dims and tensor.dims[-1] > 0:
+            found[tensor.name] = tensor.dims[-1]
+    if len(set(found.values())) > 1:
+        raise ConfigError(
+            f"model '{spec.name}': outputs have different k in their dims {found}, expected "
+            "the same last dimension"
+        )
+    return next(iter(found.values()), None)
+
+
+def search_settings(spec: ModelSpec) -> SearchSettings:
+    """Read and validate `parameters` (k, max_k, nprobe, efSearch, metric) of a config."""
+    params = spec.parameters
+    from_dims = _output_k(spec)
+    k = from_dims or DEFAULT_K
+    if params.get("k"):
+        k = _positive_int(spec.name, "k", params["k"])
+        if from_dims is not None and k != from_dims:
+            raise ConfigError(
+                f"model '{spec.name}': parameters.k {k} does not match the outputs' dims "
+                f"[{from_dims}], expected {from_dims}"
+            )
+    max_k = _positive_int(spec.name, "max_k", params["max_k"]) if params.get("max_k") else k
+    if k > max_k:
+        raise ConfigError(
+            f"model '{spec.name}': parameters.k {k} is more than parameters.max_k {max_k}, "
+            f"expected k <= {max_k}"
+        )
+    metric = None
+    if params.get("metric"):
+        metric = METRICS.get(params["metric"].upper())
+        if metric is None:
+            raise ConfigError(
+                f"model '{spec.name}': parameters.metric '{params['metric']}' is not supported, "
+                "expected L2 or INNER_PRODUCT"
+            )
+    search = {
+        key: _positive_int(spec.name, key, params[key])
+        for key in _SEARCH_PARAMETERS
+        if params.get(key)
+    }
+    return SearchSettings(k, max_k, metric, search)
+
+
+def check_config(spec: ModelSpec, settings: SearchSettings, dimension: int, metric: str) -> None:
+    """Compare a config with its index: QUERY is FP32 [d], the outputs are DISTANCES FP32
+    [k] / IDS INT64 [k], the metric is the index's. Raises ConfigError naming the field."""
+    lead: tuple[int, ...] = () if spec.max_batch_size > 0 else (-1,)
+    names = [t.name for t in spec.inputs]
+    if names != [QUERY]:
+        raise ConfigError(
+            f"model '{spec.name}': inputs {names} are not served by a FAISS index, expected "
+            f"one input '{QUERY}'"
+        )
+    query = spec.inputs[0]
+    where = f"model '{spec.name}': input '{QUERY}'"
+    if query.datatype is not DataType.FP32:
+        raise ConfigError(f"{where}: data_type {query.datatype.config_name}, expected TYPE_FP32")
+    if len(query.dims) != len(lead) + 1 or query.dims[-1] != dimension:
+        raise ConfigError(
+            f"{where}: dims {list(query.dims)} do not match the index dimension {dimension}, "
+            f"expected {[*lead, dimension]}"
+        )
+    for tensor in spec.outputs:
+        where = f"model '{spec.name}': output '{tensor.name}'"
+        expected_type = _OUTPUT_TYPES.get(tensor.name)
+        if expected_type is None:
+            raise ConfigError(
+                f"{where} is not produced by a FAISS index, expected {DISTANCES} or {IDS}"
+            )
+        if tensor.datatype is not expected_type:
+            raise ConfigError(
+                f"{where}: data_type {tensor.datatype.config_name}, expected "
+                f"{expected_type.config_name}"
+            )
+        if len(tensor.dims) != len(lead) + 1:
+            raise ConfigError(
+                f"{where}: dims {list(tensor.dims)} have the wrong rank, expected "
+                f"{[*lead, settings.k]}"
+            )
+    if settings.metric is not None and settings.metric != metric:
+        raise ConfigError(
+            f"model '{spec.name}': parameters.metric '{settings.metric}' does not match the "
+            f"index's metric, expected '{metric}'"
+        )
+
+
+class FaissBackend(Backend):
+    platform = "faiss"
+
+    @classmethod
+    def complete_config(cls, config: Any, version_dir: Path, default_max_batch_size: int) -> None:
+        path = version_dir / (config.default_model_filename or "index.faiss")
+        index = read_index(config.name, path)
+        if not len(config.input) and config.max_batch_size == 0 and default_max_batch_size > 0:
+            config.max_batch_size = default_max_batch_size
+            if not config.HasField("dynamic_batching"):
+                config.dynamic_batching.SetInParent()
+        k = DEFAULT_K
+        listed_k = [int(o.dims[-1]) for o in config.output if len(o.dims) and o.dims[-1] > 0]
+        if "k" in config.parameters and config.parameters["k"].string_value:
+            k = _positive_int(config.name, "k", config.parameters["k"].string_value)
+        elif listed_k:
+            k = listed_k[0]
+        lead: tuple[int, ...] = () if config.max_batch_size > 0 else (-1,)
+        tensors = {
+            "input": [TensorSpec(QUERY, DataType.FP32, (*lead, int(index.d)))],
+            "output": [
+                TensorSpec(DISTANCES, DataType.FP32, (*lead, k)),
+                TensorSpec(IDS, DataType.INT64, (*lead, k)),
+            ],
+        }
+        for kind, specs in tensors.items():
+            listed = {t.name for t in getattr(config, kind)}
+            for spec in specs:
+                if spec.name not in listed:
+                    set_tensor(getattr(config, kind).add(), spec)
+
+    def load(self) -> None:
+        faiss = import_faiss()
+        spec = self.spec
+        settings = search_settings(spec)
+        index = read_index(spec.name, self.version_dir / spec.model_filename)
+        check_config(spec, settings, int(index.d), metric_name(index.metric_type))
+        try:
+            apply_search_parameters(index, settings.search)
+        except ValueError as exc:
+            raise ConfigError(f"model '{spec.name}': {exc}") from None
+        self.k = settings.k
+        self._gpu_resources: Any = None
+        try:
+            on_gpu = use_gpu(faiss.get_num_gpus(), spec.instance_kind)
+        except ConfigError as exc:
+            raise ConfigError(f"model '{spec.name}': {exc}") from None
+        if on_gpu:
+            index = self._to_gpu(index, settings, required=spec.instance_kind == "KIND_GPU")
+        self.index = index
+        log.info(
+            "model '%s' instance %d: %s index, %d vectors of dimension %d, k %d, on %s",
+            spec.name,
+            self.instance,
+            index_kind(index),
+            index.ntotal,
+            index.d,
+            self.k,
+            "GPU" if self._gpu_resources is not None else "CPU",
+        )
+
+    def _to_gpu(self, index: Any, settings: SearchSettings, required: bool) -> Any:
+        """The index on GPU `instance % num_gpus`; with KIND_AUTO an index the GPU cannot
+        hold stays on the CPU, with KIND_GPU that is a ConfigError."""
+        import faiss
+
+        device = self.instance % faiss.get_num_gpus()
+        reason = ""
+        if settings.max_k > GPU_MAX_K:
+            reason = f"parameters.max_k {settings.max_k} is more than the GPU's limit {GPU_MAX_K}"
+        else:
+            resources = faiss.StandardGpuResources()
+            try:
+                gpu_index = faiss.index_cpu_to_gpu(resources, device, index)
+                apply_search_parameters(gpu_index, settings.search, faiss.GpuParameterSpace())
+            except (RuntimeError, ValueError) as exc:
+                reason = faiss_reason(exc)
+            else:
+                self._gpu_resources = resources  # must outlive the index that uses it
+                return gpu_index
+        if required:
+            raise ConfigError(
+                f"model '{self.spec.name}': instance_group kind KIND_GPU, but the "
+                f"{index_kind(index)} index cannot run on GPU {device}: {reason}"
+            )
+        log.info(
+            "model '%s' instance %d stays on the CPU: %s", self.spec.name, self.instance, reason
+        )
+        return index
+
+    def check_request(self, inputs: dict[str, Array]) -> None:
+        query = inputs[QUERY]
+        finite = np.isfinite(query)
+        if not finite.all():
+            row, column = (int(i[0]) for i in np.nonzero(~finite))
+            raise ValueError(
+                f"model '{self.spec.name}': input '{QUERY}' row {row} holds "
+                f"{query[row, column]} at column {column}, expected finite FP32 values"
+            )
+
+    def execute(self, inputs: dict[str, Array], outputs: list[str]) -> dict[str, Array]:
+        query = np.ascontiguousarray(inputs[QUERY], dtype=np.float32)
+        self.check_request({QUERY: query})  # requests were checked one by one; this is cheap
+        distances, ids = self.index.search(query, self.k)
+        found = {DISTANCES: distances, IDS: ids}
+        return {name: found[name] for name in outputs}
+
+    def unload(self) -> None:
+        self.__dict__.pop("index", None)  # before the GPU resources it may use
+        self.__dict__.pop("_gpu_resources", None)

@@ -26,6 +26,7 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 
@@ -40,6 +41,22 @@ log = logging.getLogger(__name__)
 
 Outputs = dict[str, Array]
 MAX_TIMEOUT_US = 24 * 3600 * 1_000_000  # a queue timeout above a day is a mistake
+
+
+class Scheduler(Protocol):
+    """What the data plane calls: a model's DynamicBatcher, or an ensemble's scheduler."""
+
+    def check_parameters(self, priority: object, timeout_us: object) -> tuple[int, int]: ...
+
+    async def submit(
+        self, inputs: dict[str, Array], outputs: list[str], rows: int, level: int,
+        timeout_us: int,
+    ) -> Outputs: ...
+
+    async def drain(self) -> None: ...
+
+    @property
+    def pending(self) -> int: ...
 
 
 @dataclass(slots=True, eq=False)

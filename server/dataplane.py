@@ -124,10 +124,11 @@ class DataPlane:
                 params.get("priority"), params.get("timeout")
             )
             inputs = {i.name: i.data for i in request.inputs}
-            try:
-                entry.backends[0].check_request(inputs)
-            except ValueError as exc:
-                raise invalid(str(exc)) from None
+            if entry.backends:
+                try:
+                    entry.backends[0].check_request(inputs)
+                except ValueError as exc:
+                    raise invalid(str(exc)) from None
             outputs = await batcher.submit(inputs, names, rows, level, timeout)
         except BaseException as exc:
             reason = _failure_reason(exc)

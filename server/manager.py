@@ -27,11 +27,12 @@ from typing import Any
 
 from server import model_config, repository
 from server.backends import Backend, factory
-from server.batching import DynamicBatcher
+from server.batching import DynamicBatcher, Scheduler
 from server.config import ServerSettings
 from server.errors import ServingError, invalid, not_found, unavailable
 from server.metrics import Metrics
 from server.model_config import ConfigError, ModelSpec
+from server.pipeline import EnsembleScheduler, check_cycles, step_models, steps_of
 from server.statistics import ModelStats
 from server.warmup import warm_up
 
@@ -57,7 +58,7 @@ class ModelVersion:
     config: Any = None  # the completed protobuf ModelConfig
     spec: ModelSpec | None = None
     backends: list[Backend] = field(default_factory=list)
-    batcher: DynamicBatcher | None = None
+    batcher: Scheduler | None = None  # the model's batcher, or an ensemble's scheduler
     stats: ModelStats = field(default_factory=ModelStats)
     fingerprint: str = ""  # config + files; a change triggers a reload
     failed_fingerprint: str = ""  # the last reload attempt that failed, not retried as is
@@ -175,7 +176,7 @@ class ModelManager:
                 self._set_failed(missing, 0, f"model '{missing}' is not in the repository")
         else:
             names = list(dirs)
-        await asyncio.gather(*(self.reconcile(name) for name in names))
+        await self._reconcile_all(names)
         if mode == "poll":
             self._poller = asyncio.get_running_loop().create_task(self._poll())
 
@@ -191,9 +192,22 @@ class ModelManager:
         """Bring the served models in line with the repository on disk."""
         dirs = repository.model_dirs(self.settings.model_repository)
         gone = [name for name in self._models if name not in dirs]
-        await asyncio.gather(
-            *(self.reconcile(name) for name in dirs), *(self.unload(name) for name in gone)
-        )
+        await asyncio.gather(*(self.unload(name) for name in gone))
+        await self._reconcile_all(list(dirs))
+
+    async def _reconcile_all(self, names: list[str]) -> None:
+        """Models first, then the ensembles that call them."""
+        ensembles = [n for n in names if self._ensemble_config(n) is not None]
+        await asyncio.gather(*(self.reconcile(n) for n in names if n not in ensembles))
+        await asyncio.gather(*(self.reconcile(n) for n in ensembles))
+
+    def _ensemble_config(self, name: str) -> Any | None:
+        """The parsed config of `name` when it is an ensemble, else None."""
+        try:
+            config = self._read_config(name, self._source(name))
+        except (ConfigError, OSError):
+            return None
+        return config if config.platform == "ensemble" else None
 
     async def load(
         self,
@@ -224,6 +238,12 @@ class ModelManager:
         source = self._source(name)
         if not source.directory.is_dir():
             raise not_found(f"model '{name}' is not in the repository")
+        ensemble = self._ensemble_config(name)
+        if ensemble is not None:  # load the models it calls first, as Triton does
+            for step in step_models(ensemble):
+                if step != name and not self.is_ready(step):
+                    check_name(step)
+                    await self.reconcile(step, retry=True)
         failures = await self.reconcile(name, retry=True)
         if failures:
             raise invalid(f"failed to load model '{name}': {'; '.join(failures)}")
@@ -346,10 +366,16 @@ class ModelManager:
         if old is None or not old.ready:
             table[version] = ModelVersion(name, version, ModelState.LOADING)
         loop = asyncio.get_running_loop()
+        ensemble: EnsembleScheduler | None = None
+        backends: list[Backend] = []
         try:
-            config, spec, backends = await loop.run_in_executor(
-                self._loader, self._load_files, base_config, path
-            )
+            if base_config.platform == "ensemble":
+                ensemble = self._load_ensemble(base_config)
+                config, spec = base_config, ensemble.spec
+            else:
+                config, spec, backends = await loop.run_in_executor(
+                    self._loader, self._load_files, base_config, path
+                )
         except Exception as exc:
             reason = str(exc) or type(exc).__name__
             if old is not None and old.ready:
@@ -367,14 +393,38 @@ class ModelManager:
         )
         if self.metrics is not None:
             entry.stats.metrics = self.metrics.version(name, version)
-        entry.batcher = DynamicBatcher(spec, backends, entry.stats)
-        entry.batcher.start()
+        if ensemble is not None:
+            entry.batcher = ensemble
+        else:
+            batcher = DynamicBatcher(spec, backends, entry.stats)
+            batcher.start()
+            entry.batcher = batcher
         table[version] = entry  # the switch: new requests go to the new load from here on
         self._default.pop(name, None)
         log.info("model '%s' version %d is READY", name, version)
         if old is not None and old.ready:
             await self._unload_entry(old)
         return None
+
+    def _load_ensemble(self, config: Any) -> EnsembleScheduler:
+        """Event loop: an ensemble checks its steps against the models serving now."""
+        spec = model_config.to_spec(config, "ensemble")
+        if not config.HasField("version_policy"):
+            config.version_policy.latest.num_versions = 1
+        own = config.name
+        check_cycles(own, lambda n: config if n == own else self._ensemble_config(n))
+
+        def step_spec(model: str, version: str) -> ModelSpec:
+            entry = self.get(model, version)
+            assert entry.spec is not None
+            return entry.spec
+
+        def step_scheduler(model: str, version: str) -> Scheduler:
+            entry = self.get(model, version)
+            assert entry.batcher is not None
+            return entry.batcher
+
+        return EnsembleScheduler(spec, steps_of(config), step_spec, step_scheduler)
 
     def _load_files(self, base_config: Any, path: Path) -> tuple[Any, ModelSpec, list[Backend]]:
         """Loader thread: complete and validate the config, load and warm the instances."""

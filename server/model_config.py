@@ -25,9 +25,17 @@ _PLATFORMS = {
     "tensorrt_plan": "tensorrt",
     "tensorrt": "tensorrt",
     "faiss": "faiss",
+    "tokenizer": "tokenizer",
+    "lookup": "lookup",
     "ensemble": "ensemble",
 }
-_DEFAULT_FILES = {"onnxruntime": "model.onnx", "tensorrt": "model.plan", "faiss": "index.faiss"}
+_DEFAULT_FILES = {
+    "onnxruntime": "model.onnx",
+    "tensorrt": "model.plan",
+    "faiss": "index.faiss",
+    "tokenizer": "tokenizer.json",
+    "lookup": "texts.json",
+}
 
 
 class ConfigError(ValueError):

@@ -15,6 +15,14 @@ def factory(backend: str) -> BackendFactory:
         from server.backends.faiss import FaissBackend
 
         return FaissBackend
+    if backend == "tokenizer":
+        from server.backends.tokenizer import TokenizerBackend
+
+        return TokenizerBackend
+    if backend == "lookup":
+        from server.backends.lookup import LookupBackend
+
+        return LookupBackend
     raise ValueError(f"backend '{backend}' is not available in this build")
 
 

@@ -7,6 +7,7 @@ FROM ${CUDA_IMAGE} AS build
 ENV DEBIAN_FRONTEND=noninteractive PIP_NO_CACHE_DIR=1
 RUN apt-get update \
  && apt-get install -y --no-install-recommends python3 python3-venv python3-dev g++ cmake \
+      pkg-config libnghttp2-dev \
  && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY pyproject.toml README.md ./
@@ -20,7 +21,7 @@ RUN python3 -m venv /opt/tachyon \
 FROM ${CUDA_IMAGE}
 ENV DEBIAN_FRONTEND=noninteractive PIP_NO_CACHE_DIR=1 PATH=/opt/tachyon/bin:$PATH
 RUN apt-get update \
- && apt-get install -y --no-install-recommends python3 python3-venv \
+ && apt-get install -y --no-install-recommends python3 python3-venv libnghttp2-14 \
  && rm -rf /var/lib/apt/lists/* \
  && useradd --create-home --uid 10001 tachyon
 COPY --from=build /wheels /wheels
@@ -29,8 +30,13 @@ RUN python3 -m venv /opt/tachyon \
  && /opt/tachyon/bin/pip install "${WHEEL}[gpu]" \
  && /opt/tachyon/bin/pip uninstall -y onnxruntime \
  && /opt/tachyon/bin/pip install --force-reinstall --no-deps "onnxruntime-gpu>=1.19" \
+ && /opt/tachyon/bin/pip uninstall -y faiss-cpu \
+ && /opt/tachyon/bin/pip install "faiss-gpu-cu12>=1.8" \
  && rm -rf /wheels
 COPY --chown=tachyon:tachyon model_repository /models
+COPY tools/make_semantic_search.py /opt/tachyon/tools/
+RUN /opt/tachyon/bin/python /opt/tachyon/tools/make_semantic_search.py --out /models \
+ && chown -R 10001:10001 /models
 USER 10001
 EXPOSE 8000 8001 8002
 HEALTHCHECK --interval=10s --timeout=3s --start-period=60s --retries=3 \

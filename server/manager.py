@@ -115,7 +115,10 @@ class ModelManager:
     # -- queries (event loop) -----------------------------------------------------------
 
     def get(self, name: str, version: str = "") -> ModelVersion:
-        """The version that serves `name` (highest READY by default) or a ServingError."""
+        """The version that serves `name` (highest READY by default) or a ServingError.
+        "-1" means the default too, as in Triton's ensemble steps (perf_analyzer sends it)."""
+        if version == "-1":
+            version = ""
         if not version:
             default = self._default.get(name)
             if default is not None and default.ready:

@@ -7,7 +7,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from server import __version__, index_build, logs
+from server import __version__, bench, index_build, logs
 from server.config import ServerSettings
 
 
@@ -86,6 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _serve_parser(sub)
     index_build.add_parser(sub)
+    bench.add_parser(sub)
     return parser
 
 
@@ -93,6 +94,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "index":
         return index_build.run(args)
+    if args.command == "bench":
+        return bench.run(args)
     if args.command == "serve":
         logs.configure(args.log_verbose, args.log_format)
         if not args.model_repository.is_dir():

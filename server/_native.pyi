@@ -6,7 +6,7 @@ released once a call moves at least ``GIL_RELEASE_THRESHOLD`` bytes, and keeps n
 its arguments after it returns. Reference implementations: ``tests/native_reference.py``.
 """
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any, Final, TypeAlias
 
 import numpy as np
@@ -15,6 +15,9 @@ from typing_extensions import Buffer
 
 GIL_RELEASE_THRESHOLD: Final[int]
 """Byte count from which a call releases the GIL around its copy loop (65536)."""
+
+HAVE_GRPC_FRONTEND: Final[bool]
+"""Whether this build has ``GrpcFrontend`` (nghttp2 was found when it was compiled)."""
 
 _BytesElement: TypeAlias = bytes | bytearray | memoryview | str | Buffer
 
@@ -87,3 +90,73 @@ def bytes_sizes(buf: Buffer) -> int:
 
     Raises ValueError exactly as ``decode_bytes(buf, -1)`` does.
     """
+
+class GrpcFrontend:
+    """A gRPC server transport (cleartext HTTP/2 on nghttp2) on its own I/O thread.
+
+    Only present when ``HAVE_GRPC_FRONTEND``. The I/O thread accepts connections, reads whole
+    calls and queues them as ready items, announced on ``fileno()``; the application drains
+    them with ``take()`` and answers many calls per ``respond()`` / ``send_stream()``, which
+    queue the responses and wake the I/O thread to write them. Compressed messages
+    (UNIMPLEMENTED), messages above ``max_message_bytes`` (RESOURCE_EXHAUSTED, "Received message
+    larger than max (N vs. M)") and malformed framing are answered natively, never delivered.
+    No call keeps a Python object past its return; copies of 64 KiB or more release the GIL.
+    """
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        max_message_bytes: int,
+        service: str = "inference.GRPCInferenceService",
+        streaming_methods: Sequence[str] = ("ModelStreamInfer",),
+    ) -> None:
+        """Configure; nothing is opened until ``start()``. ValueError for a port outside
+        0..65535 or a zero ``max_message_bytes``. Calls to paths other than ``/<service>/...``
+        are answered UNIMPLEMENTED natively; ``streaming_methods`` are bidirectional streams."""
+
+    def start(self) -> None:
+        """Bind (SO_REUSEADDR, SO_REUSEPORT), listen and start the I/O thread. OSError when
+        the address cannot be bound; RuntimeError when called twice."""
+
+    @property
+    def port(self) -> int:
+        """The bound port after ``start()`` (useful with port 0), the configured one before."""
+
+    def fileno(self) -> int:
+        """An eventfd that is readable while ready items wait; ``take()`` resets it."""
+
+    def take(self) -> list[tuple[int, str, bytes, int]]:
+        """Drain the ready items, without blocking: ``(call_id, method, message, kind)``.
+
+        ``method`` is the RPC name without the service ("ModelInfer"). ``kind``: 0 a unary
+        request (answer with ``respond()``); 1 one message of a streaming call; 2 the client
+        of a streaming call half-closed (finish it with ``respond()`` once answered); 3 the
+        call is gone (client reset or disconnected, or failed in the transport): forget it,
+        responses to it are dropped. ``message`` is empty for kinds 2 and 3.
+        """
+
+    def respond(self, items: Sequence[tuple[int, bytes | None, int, str]]) -> None:
+        """Finish calls: ``(call_id, message or None, status, status_message)`` each.
+
+        Status 0: HEADERS, the message (if any), then trailers ``grpc-status: 0``. Status != 0:
+        trailers-only with the percent-encoded ``grpc-message`` (the message is ignored). On a
+        streaming call the message follows the ones sent with ``send_stream()``. Calls that
+        are unknown, finished or whose client went away are dropped silently. TypeError /
+        ValueError for malformed items (status outside 0..16, message not bytes).
+        """
+
+    def send_stream(self, items: Sequence[tuple[int, bytes]]) -> None:
+        """Send ``(call_id, message)`` on streaming calls, keeping them open."""
+
+    def shutdown(self) -> None:
+        """Stop accepting and send GOAWAY on every connection: started calls go on, new ones
+        are refused. Non-blocking."""
+
+    def stop(self, grace_s: float = 0.0) -> None:
+        """``shutdown()``, wait up to ``grace_s`` seconds for the open calls to finish and
+        flush, then close every socket and join the I/O thread. Blocks (GIL released);
+        idempotent; also run, without grace, when the object is destroyed."""
+
+    def active_calls(self) -> int:
+        """Calls whose HTTP/2 stream is open (received and not yet closed)."""

@@ -17,6 +17,7 @@ from prometheus_client import make_asgi_app
 
 from server.config import ServerSettings
 from server.dataplane import DataPlane
+from server.grpc import native_frontend
 from server.grpc import server as grpc_server
 from server.http import server as http_server
 from server.manager import ModelManager, ModelState
@@ -36,7 +37,7 @@ class TachyonServer:
             states = [s.value for s in ModelState]
             self.metrics.add_state_collector(StateCollector(self.manager.entries, states))
         self.dataplane = DataPlane(settings, self.manager)
-        self._grpc: grpc.aio.Server | None = None
+        self._grpc: grpc.aio.Server | native_frontend.NativeGrpcServer | None = None
         self._http_task: asyncio.Task[None] | None = None
         self._http: object | None = None
         self._metrics_server: uvicorn.Server | None = None
@@ -48,7 +49,8 @@ class TachyonServer:
         self.dataplane.started = True
         s = self.settings
         if s.allow_grpc:
-            self._grpc = await grpc_server.start(
+            frontend = native_frontend if s.grpc_frontend == "native" else grpc_server
+            self._grpc = await frontend.start(
                 self.dataplane, s.host, s.grpc_port, s.max_request_bytes
             )
         if s.allow_http:

@@ -30,5 +30,8 @@ class ServerSettings:
     model_load_threads: int = 4
     metrics_latency_buckets: tuple[float, ...] = ()
     """Histogram bucket boundaries in seconds; empty: server.metrics.DEFAULT_LATENCY_BUCKETS."""
+    grpc_frontend: str = "native"
+    """gRPC transport: "native" (HTTP/2 on nghttp2 in a C++ I/O thread, server/grpc/
+    native_frontend.py) or "grpcio" (grpc.aio)."""
     server_id: str = "tachyon"
     extra: dict[str, str] = field(default_factory=dict)

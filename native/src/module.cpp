@@ -3,6 +3,9 @@
 #include "gather_scatter.hpp"
 #include "gil.hpp"
 #include "numpy_alloc.hpp"
+#ifdef TACHYON_HAVE_GRPC_FRONTEND
+#include "grpc_frontend_py.hpp"
+#endif
 
 #include <nanobind/nanobind.h>
 #include <nanobind/stl/string.h>
@@ -20,6 +23,12 @@ NB_MODULE(_native, m) {
 
   tachyon::init_numpy_alloc();
   m.attr("GIL_RELEASE_THRESHOLD") = tachyon::kGilReleaseBytes;
+#ifdef TACHYON_HAVE_GRPC_FRONTEND
+  m.attr("HAVE_GRPC_FRONTEND") = true;
+  tachyon::register_grpc_frontend(m);
+#else
+  m.attr("HAVE_GRPC_FRONTEND") = false;
+#endif
 
   m.def("gather", &tachyon::gather, "parts"_a,
         nb::sig("def gather(parts: collections.abc.Sequence[collections.abc.Buffer]) "

@@ -220,6 +220,19 @@ class GrpcService:
         await self.dataplane.unload_model(request.model_name)
         return proto.RepositoryModelUnloadResponse()
 
+    async def stream_answer(self, message: Any) -> Any:
+        """The ModelStreamInferResponse to one request of a stream: the inference result, or
+        its error in `error_message` (with the request's id), as in Triton."""
+        try:
+            response = encode_infer_response(
+                await self.dataplane.infer(decode_infer_request(message))
+            )
+        except ServingError as exc:
+            error = proto.ModelStreamInferResponse(error_message=exc.message)
+            error.infer_response.id = message.id
+            return error
+        return proto.ModelStreamInferResponse(infer_response=response)
+
     async def ModelStreamInfer(
         self, requests: AsyncIterator[Any], context: Any
     ) -> AsyncIterator[Any]:
@@ -229,15 +242,7 @@ class GrpcService:
         pending: set[asyncio.Task[None]] = set()
 
         async def answer(message: Any) -> None:
-            try:
-                response = encode_infer_response(
-                    await self.dataplane.infer(decode_infer_request(message))
-                )
-                await answers.put(proto.ModelStreamInferResponse(infer_response=response))
-            except ServingError as exc:
-                error = proto.ModelStreamInferResponse(error_message=exc.message)
-                error.infer_response.id = message.id
-                await answers.put(error)
+            await answers.put(await self.stream_answer(message))
 
         async def read() -> None:
             async for message in requests:

@@ -26,7 +26,7 @@ from server.bench.errors import BenchError
 from server.bench.inputs import ModelInfo, TensorInfo
 from server.bench.results import ServerSplit, merge, percentile_ns
 from server.bench.scenario import Point
-from tests.conftest import ROOT, RunningServer, free_port
+from tests.conftest import BUNDLED, ROOT, RunningServer, free_port
 
 SCENARIOS = ROOT / "benchmarks" / "scenarios"
 IDENTITY = ModelInfo("identity_fp32", "", (TensorInfo("INPUT0", "FP32", (-1, 16)),),
@@ -417,14 +417,22 @@ def test_bad_scenario_and_flags_exit_2(tmp_path: Path) -> None:
 
 
 def test_compare_writes_one_table_and_plot(tmp_path: Path) -> None:
-    from server.bench import servers
+    import shutil
 
-    work = servers.default_work()
-    if not (work / "models" / "identity_fp32" / "model.onnx").is_file():
-        pytest.skip(f"the peers' models are not built ({work}): run ../shared/bench/run-peers")
+    # the peers' layout (run-peers' WORK/models/<name>/model.onnx), with Tachyon's own copy
+    # of the identity model, so the test needs no run-peers set-up
+    work = tmp_path / "work"
+    subprocess.run([sys.executable, str(ROOT / "tools" / "make_models.py"), "--out",
+                    str(tmp_path / "built"), "--only", "mlp_fp32"], check=True,
+                   capture_output=True)
+    for name, source in (("identity_fp32", BUNDLED / "identity_fp32" / "1" / "model.onnx"),
+                         ("mlp_fp32", tmp_path / "built" / "mlp_fp32" / "1" / "model.onnx")):
+        (work / "models" / name).mkdir(parents=True)
+        shutil.copy(source, work / "models" / name / "model.onnx")
     out = tmp_path / "compare"
     done = bench("compare", "identity_fp32_grpc_closed", "--peers", "tachyon", "--concurrency",
-                 "1,2", "--duration", "0.5", "--warmup", "0.2", "--out", str(out))
+                 "1,2", "--duration", "0.5", "--warmup", "0.2", "--out", str(out),
+                 "--peers-work", str(work))
     assert done.returncode == 0, done.stderr
     table = (out / "compare.md").read_text()
     assert "| c1 |" in table and "| c2 |" in table and "Tachyon: infer/s" in table

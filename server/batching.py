@@ -31,7 +31,7 @@ from typing import Protocol
 import numpy as np
 
 from server import _native
-from server.backends.base import Backend
+from server.backends.base import Backend, Options
 from server.errors import Code, ServingError, exhausted, internal, invalid, unavailable
 from server.model_config import DynamicBatching, ModelSpec, QueuePolicy
 from server.statistics import ModelStats
@@ -50,7 +50,7 @@ class Scheduler(Protocol):
 
     async def submit(
         self, inputs: dict[str, Array], outputs: list[str], rows: int, level: int,
-        timeout_us: int,
+        timeout_us: int, options: Options = (),
     ) -> Outputs: ...
 
     async def drain(self) -> None: ...
@@ -64,9 +64,10 @@ class _Request:
     inputs: dict[str, Array]
     outputs: list[str]
     rows: int
-    shape_key: tuple[tuple[int, ...], ...]
+    shape_key: tuple[object, ...]
     future: asyncio.Future[Outputs]
     level: int
+    options: Options = ()
     enqueued_ns: int = field(default_factory=time.monotonic_ns)
     timer: asyncio.TimerHandle | None = None
 
@@ -178,8 +179,10 @@ class DynamicBatcher:
         rows: int,
         level: int | None = None,
         timeout_us: int = 0,
+        options: Options = (),
     ) -> Outputs:
-        """Queue one request; returns its output rows or raises its ServingError."""
+        """Queue one request; returns its output rows or raises its ServingError. Requests
+        share a batch only when their non-batch shapes and `options` are equal."""
         if self._closed:
             raise unavailable(f"model '{self.spec.name}' is unloading, retry")
         level = self._default_level if level is None else level
@@ -191,8 +194,10 @@ class DynamicBatcher:
                 "max_queue_size), retry later"
             )
         assert self._loop is not None and self._idle is not None
-        shape_key = tuple(a.shape[1:] for a in inputs.values()) if self._batching else ()
-        request = _Request(inputs, outputs, rows, shape_key, self._loop.create_future(), level)
+        shapes = tuple(a.shape[1:] for a in inputs.values()) if self._batching else ()
+        request = _Request(
+            inputs, outputs, rows, (shapes, options), self._loop.create_future(), level, options
+        )
         if timeout_us and policy.timeout_action_reject:
             request.timer = self._loop.call_later(timeout_us / 1e6, self._expire, request)
         waiting.append(request)
@@ -352,7 +357,7 @@ class DynamicBatcher:
             names, inputs = _union_outputs(requests), _gather(requests)
         t1 = time.monotonic_ns()
         try:
-            outputs = backend.execute(inputs, names)
+            outputs = backend.execute(inputs, names, requests[0].options)
         except ValueError as exc:
             raise ServingError(Code.INVALID_ARGUMENT, str(exc)) from None
         t2 = time.monotonic_ns()

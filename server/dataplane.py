@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from server import __version__, logs
+from server.backends.base import Options
 from server.config import ServerSettings
 from server.errors import Code, ServingError, invalid
 from server.manager import ModelManager, ModelVersion
@@ -124,12 +125,14 @@ class DataPlane:
                 params.get("priority"), params.get("timeout")
             )
             inputs = {i.name: i.data for i in request.inputs}
+            options: Options = ()
             if entry.backends:
                 try:
                     entry.backends[0].check_request(inputs)
+                    options = entry.backends[0].request_options(params)
                 except ValueError as exc:
                     raise invalid(str(exc)) from None
-            outputs = await batcher.submit(inputs, names, rows, level, timeout)
+            outputs = await batcher.submit(inputs, names, rows, level, timeout, options)
         except BaseException as exc:
             reason = _failure_reason(exc)
             entry.stats.record_failure(time.monotonic_ns() - start, reason)

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from server.backends.base import Options
 from server.errors import ServingError, invalid, unavailable
 from server.model_config import ConfigError, ModelSpec
 from server.types import Array, TensorSpec
@@ -194,8 +195,9 @@ class EnsembleScheduler:
 
     async def submit(
         self, inputs: dict[str, Array], outputs: list[str], rows: int, level: int = 0,
-        timeout_us: int = 0,
+        timeout_us: int = 0, options: Options = (),
     ) -> Outputs:
+        """`options` (per-request backend settings) do not pass through an ensemble."""
         if self._closed:
             raise unavailable(f"model '{self.spec.name}' is unloading, retry")
         self._in_flight += 1

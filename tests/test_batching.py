@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from server.backends.base import Backend
+from server.backends.base import Backend, Options
 from server.backends.onnxruntime import OnnxRuntimeBackend
 from server.batching import DynamicBatcher
 from server.errors import Code, ServingError
@@ -42,7 +42,9 @@ class GatedBackend(Backend):
     def load(self) -> None:
         pass
 
-    def execute(self, inputs: dict[str, Array], outputs: list[str]) -> dict[str, Array]:
+    def execute(
+        self, inputs: dict[str, Array], outputs: list[str], options: Options = ()
+    ) -> dict[str, Array]:
         self.gate.wait(10)
         array = inputs["INPUT0"]
         self.batches.append(array.shape)
@@ -316,3 +318,35 @@ def test_preserve_ordering_across_instances() -> None:
 
     run(main())
     assert done == [0.0, 1.0]
+
+
+def test_requests_with_different_options_never_share_a_batch() -> None:
+    spec = identity_spec()
+    backend = GatedBackend(spec, Path("."))
+    seen: list[object] = []
+    original = backend.execute
+
+    def recording(inputs: dict[str, Array], outputs: list[str], options: Options = ()) -> dict:
+        seen.append((inputs["INPUT0"].shape[0], options))
+        return original(inputs, outputs, options)
+
+    backend.execute = recording  # type: ignore[method-assign]
+
+    async def main() -> None:
+        batcher = DynamicBatcher(spec, [backend], ModelStats())  # type: ignore[arg-type]
+        batcher.start()
+        first = asyncio.ensure_future(_submit(batcher, 0.0))
+        await asyncio.sleep(0.05)
+        data = np.zeros((1, 4), dtype=np.float32)
+        tasks = [
+            asyncio.ensure_future(batcher.submit({"INPUT0": data}, ["OUTPUT0"], 1, None, 0, opts))
+            for opts in [(("k", 1),), (("k", 2),), (("k", 1),), (("k", 2),), (("k", 1),)]
+        ]
+        await asyncio.sleep(0.05)
+        backend.gate.set()
+        await asyncio.gather(first, *tasks)
+        await batcher.drain()
+
+    run(main())
+    assert seen[0] == (1, ())
+    assert sorted(seen[1:], key=str) == [(2, (("k", 2),)), (3, (("k", 1),))]

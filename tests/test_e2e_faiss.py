@@ -285,6 +285,59 @@ def test_a_nan_query_fails_alone_not_its_batch(server: RunningServer, repo: Path
     assert failed == [7]
 
 
+def test_per_request_k_and_nprobe(server: RunningServer, repo: Path) -> None:
+    """Request parameters override k (up to max_k) and nprobe; both transports."""
+    queries = random_vectors(7, rows=4)
+    g = grpcclient.InferenceServerClient(server.grpc_url)
+    tensor = grpcclient.InferInput("QUERY", list(queries.shape), "FP32")
+    tensor.set_data_from_numpy(queries)
+    result = g.infer("flat", [tensor], parameters={"k": 3})
+    reference = Reference(repo, "flat")
+    _, expected_ids = reference.index.search(queries, 3)
+    assert result.as_numpy("IDS").shape == (4, 3)
+    np.testing.assert_array_equal(result.as_numpy("IDS"), expected_ids)
+    ivf = Reference(repo, "ivf")
+    apply_search_parameters(ivf.index, {"nprobe": 16})  # every list: exact search
+    _, exhaustive = ivf.index.search(queries, K)
+    served = g.infer("ivf", [tensor], parameters={"nprobe": 16}).as_numpy("IDS")
+    np.testing.assert_array_equal(served, exhaustive)
+    default = g.infer("ivf", [tensor]).as_numpy("IDS")  # the model's own nprobe again
+    np.testing.assert_array_equal(default, Reference(repo, "ivf").search(queries)[1])
+    h = httpclient.InferenceServerClient(server.http_url)
+    h_tensor = httpclient.InferInput("QUERY", list(queries.shape), "FP32")
+    h_tensor.set_data_from_numpy(queries)
+    h_result = h.infer("flat", [h_tensor], parameters={"k": 3})
+    np.testing.assert_array_equal(h_result.as_numpy("IDS"), expected_ids)
+
+
+@pytest.mark.parametrize(
+    ("model", "params", "needle"),
+    [("flat", {"k": 11}, "parameter 'k' is 11, expected 1..10 (parameters.max_k)"),
+     ("flat", {"k": 0}, "parameter 'k' is 0, expected a positive integer"),
+     ("flat", {"nprobe": 4}, "parameter 'nprobe' does not apply to this"),
+     ("hnsw", {"nprobe": 4}, "parameter 'nprobe' does not apply to this"),
+     ("ivf", {"efSearch": 4}, "parameter 'efSearch' does not apply to this")],
+)
+def test_bad_search_parameters_are_invalid_argument(
+    server: RunningServer, model: str, params: dict[str, int], needle: str
+) -> None:
+    queries = random_vectors(8, rows=1)
+    g = grpcclient.InferenceServerClient(server.grpc_url)
+    tensor = grpcclient.InferInput("QUERY", [1, DIM], "FP32")
+    tensor.set_data_from_numpy(queries)
+    with pytest.raises(InferenceServerException) as info:
+        g.infer(model, [tensor], parameters=params)
+    assert info.value.status() == "StatusCode.INVALID_ARGUMENT"
+    assert needle in (info.value.message() or "")
+    h = httpclient.InferenceServerClient(server.http_url)
+    h_tensor = httpclient.InferInput("QUERY", [1, DIM], "FP32")
+    h_tensor.set_data_from_numpy(queries)
+    with pytest.raises(InferenceServerException) as http_info:
+        h.infer(model, [h_tensor], parameters=params)
+    assert http_info.value.status() == "400"
+    assert needle in (http_info.value.message() or "")
+
+
 # -- repository ----------------------------------------------------------------------------
 
 

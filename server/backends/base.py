@@ -2,7 +2,8 @@
 
 Lifecycle and ownership (one object per model instance):
   * `load()` runs once on a loader thread, before the instance serves; it may take seconds.
-  * `execute(inputs)` runs on the instance's own thread, one whole batch at a time, never
+  * `execute(inputs, outputs, options)` runs on the instance's own thread, one whole batch at
+    a time, never
     concurrently with itself. `inputs` maps every input name to a numpy array whose first
     dimension is the batch (when the model batches). The backend may read the arrays only
     until it returns; it returns new arrays it no longer touches, one per output it was asked
@@ -19,7 +20,9 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from server.model_config import ModelSpec
-from server.types import Array
+from server.types import Array, Parameters
+
+Options = tuple[tuple[str, "bool | int | float | str"], ...]
 
 
 class Backend(ABC):
@@ -36,6 +39,13 @@ class Backend(ABC):
         file, in place. Backends that cannot describe themselves leave it as it is."""
         return None  # an optional hook: most backends describe themselves
 
+    def request_options(self, parameters: Parameters) -> Options:
+        """The request parameters that change how a batch runs (FAISS's `k`, `nprobe`), as a
+        hashable value: requests share a batch only when theirs are equal, and `execute`
+        receives them. Raise ValueError naming the parameter when one is bad. Most backends
+        take none."""
+        return ()
+
     def check_request(self, inputs: dict[str, Array]) -> None:
         """Per-request checks beyond names, types and shapes, run on the event loop before
         the request is queued, so one bad request cannot fail a whole batch. Raise ValueError
@@ -46,7 +56,9 @@ class Backend(ABC):
     def load(self) -> None: ...
 
     @abstractmethod
-    def execute(self, inputs: dict[str, Array], outputs: list[str]) -> dict[str, Array]: ...
+    def execute(
+        self, inputs: dict[str, Array], outputs: list[str], options: Options = ()
+    ) -> dict[str, Array]: ...
 
     @abstractmethod
     def unload(self) -> None: ...

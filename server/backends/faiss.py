@@ -4,7 +4,9 @@ Anything `faiss.read_index` reads serves: Flat, IVF, HNSW, PQ, with or without a
 model takes `QUERY` (FP32 [-1, d]) and answers the k nearest stored vectors: `DISTANCES` (FP32
 [-1, k]) and `IDS` (INT64 [-1, k]; -1 where the index holds fewer than k vectors). Search
 settings come from config.pbtxt `parameters`: `k`, `max_k`, `nprobe` (IVF), `efSearch` (HNSW),
-and `metric` ("L2" | "INNER_PRODUCT"), which load checks against the index.
+and `metric` ("L2" | "INNER_PRODUCT"), which load checks against the index. A request may
+override `k` (up to `max_k`), `nprobe` and `efSearch` with request parameters of those names;
+requests with the same overrides share a batch.
 
 Each instance owns its copy of the index (on a GPU when one is present and the instance group
 allows it) and runs one `index.search` per batch; FAISS releases the GIL inside.
@@ -21,9 +23,9 @@ from typing import Any
 
 import numpy as np
 
-from server.backends.base import Backend
+from server.backends.base import Backend, Options
 from server.model_config import ConfigError, ModelSpec, set_tensor
-from server.types import Array, DataType, TensorSpec
+from server.types import Array, DataType, Parameters, TensorSpec
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +107,21 @@ def index_kind(index: Any) -> str:
     if inner is not None and isinstance(index, faiss.IndexIDMap | faiss.IndexPreTransform):
         return f"{type(index).__name__}({index_kind(inner)})"
     return type(index).__name__
+
+
+def _current(index: Any, name: str) -> int | None:
+    """The index's own nprobe / efSearch (through IDMap and pre-transform wrappers)."""
+    import faiss
+
+    try:
+        if name == "nprobe":
+            return int(faiss.extract_index_ivf(index).nprobe)
+        inner: Any = faiss.downcast_index(index)
+        while not hasattr(inner, "hnsw") and hasattr(inner, "index"):  # IDMap, pre-transform
+            inner = faiss.downcast_index(inner.index)
+        return int(inner.hnsw.efSearch)
+    except (RuntimeError, AttributeError):
+        return None
 
 
 def apply_search_parameters(index: Any, parameters: dict[str, int], space: Any = None) -> None:
@@ -283,6 +300,15 @@ class FaissBackend(Backend):
         except ValueError as exc:
             raise ConfigError(f"model '{spec.name}': {exc}") from None
         self.k = settings.k
+        self.max_k = settings.max_k
+        kind = index_kind(index)
+        # the search settings this index has, and their values when no request overrides them
+        self._tunable = {
+            name: value for name, value in (
+                ("nprobe", _current(index, "nprobe") if "IVF" in kind else None),
+                ("efSearch", _current(index, "efSearch") if "HNSW" in kind else None),
+            ) if value is not None
+        }
         self._gpu_resources: Any = None
         try:
             on_gpu = use_gpu(faiss.get_num_gpus(), spec.instance_kind)
@@ -341,10 +367,44 @@ class FaissBackend(Backend):
                 f"{query[row, column]} at column {column}, expected finite FP32 values"
             )
 
-    def execute(self, inputs: dict[str, Array], outputs: list[str]) -> dict[str, Array]:
+    def request_options(self, parameters: Parameters) -> Options:
+        options: list[tuple[str, bool | int | float | str]] = []
+        for name in ("k", "nprobe", "efSearch"):
+            value = parameters.get(name)
+            if value is None:
+                continue
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(
+                    f"model '{self.spec.name}': parameter '{name}' is {value!r}, expected a "
+                    "positive integer"
+                )
+            if name == "k" and value > self.max_k:
+                raise ValueError(
+                    f"model '{self.spec.name}': parameter 'k' is {value}, expected 1..{self.max_k} "
+                    "(parameters.max_k)"
+                )
+            if name != "k" and name not in self._tunable:
+                raise ValueError(
+                    f"model '{self.spec.name}': parameter '{name}' does not apply to this "
+                    f"{index_kind(self.index)} index, expected none"
+                )
+            options.append((name, value))
+        return tuple(options)
+
+    def execute(
+        self, inputs: dict[str, Array], outputs: list[str], options: Options = ()
+    ) -> dict[str, Array]:
         query = np.ascontiguousarray(inputs[QUERY], dtype=np.float32)
         self.check_request({QUERY: query})  # requests were checked one by one; this is cheap
-        distances, ids = self.index.search(query, self.k)
+        requested = dict(options)
+        search = {n: int(v) for n, v in requested.items() if n != "k"}
+        if search:
+            apply_search_parameters(self.index, search)
+        try:
+            distances, ids = self.index.search(query, int(requested.get("k", self.k)))
+        finally:
+            if search:  # back to the model's own settings for the next batch
+                apply_search_parameters(self.index, {n: self._tunable[n] for n in search})
         found = {DISTANCES: distances, IDS: ids}
         return {name: found[name] for name in outputs}
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from server.backends.base import Backend
+from server.backends.base import Backend, Options
 from server.model_config import ConfigError, ModelSpec, set_tensor
 from server.types import Array, DataType, TensorSpec
 
@@ -115,7 +115,9 @@ class LookupBackend(Backend):
                 f"{list(position)}, expected -1 (no result) or 0..{self.count - 1}"
             )
 
-    def execute(self, inputs: dict[str, Array], outputs: list[str]) -> dict[str, Array]:
+    def execute(
+        self, inputs: dict[str, Array], outputs: list[str], options: Options = ()
+    ) -> dict[str, Array]:
         ids = np.asarray(inputs[self._ids], dtype=np.int64)
         self.check_request({self._ids: ids})  # requests were checked one by one; this is cheap
         texts = self.table[ids]

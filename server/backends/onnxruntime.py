@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from server.backends.base import Backend
+from server.backends.base import Backend, Options
 from server.model_config import ConfigError, set_tensor
 from server.types import Array, DataType, TensorSpec
 
@@ -183,7 +183,9 @@ class OnnxRuntimeBackend(Backend):
                         f"but the graph's shape is {shape}"
                     )
 
-    def execute(self, inputs: dict[str, Array], outputs: list[str]) -> dict[str, Array]:
+    def execute(
+        self, inputs: dict[str, Array], outputs: list[str], options: Options = ()
+    ) -> dict[str, Array]:
         feed = {}
         for name, array in inputs.items():
             if name in self._bytes_inputs:

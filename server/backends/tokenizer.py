@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from server.backends.base import Backend
+from server.backends.base import Backend, Options
 from server.model_config import ConfigError, ModelSpec, set_tensor
 from server.types import Array, DataType, TensorSpec
 
@@ -177,7 +177,9 @@ class TokenizerBackend(Backend):
     def check_request(self, inputs: dict[str, Array]) -> None:
         decode_texts(self.spec.name, self._text, inputs[self._text])
 
-    def execute(self, inputs: dict[str, Array], outputs: list[str]) -> dict[str, Array]:
+    def execute(
+        self, inputs: dict[str, Array], outputs: list[str], options: Options = ()
+    ) -> dict[str, Array]:
         texts = decode_texts(self.spec.name, self._text, inputs[self._text])
         encoded = encode(self.tokenizer, texts)
         return {name: encoded[name].astype(self._dtypes[name], copy=False) for name in outputs}

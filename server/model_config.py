@@ -291,6 +291,17 @@ def _default_platform(backend: str) -> str:
     return {"onnxruntime": "onnxruntime_onnx", "tensorrt": "tensorrt_plan"}.get(backend, backend)
 
 
+def complete_batching(config: Any, default_max_batch_size: int, batchable: bool = True) -> None:
+    """For a config that lists no inputs and no max_batch_size: batch up to the server's
+    default size with dynamic batching on, as Triton's auto-complete does."""
+    if len(config.input) or config.max_batch_size != 0:
+        return
+    if batchable and default_max_batch_size > 0:
+        config.max_batch_size = default_max_batch_size
+        if not config.HasField("dynamic_batching"):
+            config.dynamic_batching.SetInParent()
+
+
 def set_tensor(message: Any, spec: TensorSpec) -> None:
     """Fill a ModelInput/ModelOutput message from a TensorSpec."""
     message.name = spec.name

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from server.backends.base import Backend, Options
-from server.model_config import ConfigError, ModelSpec, set_tensor
+from server.model_config import ConfigError, ModelSpec, complete_batching, set_tensor
 from server.types import Array, DataType, Parameters, TensorSpec
 
 log = logging.getLogger(__name__)
@@ -260,10 +260,7 @@ class FaissBackend(Backend):
     def complete_config(cls, config: Any, version_dir: Path, default_max_batch_size: int) -> None:
         path = version_dir / (config.default_model_filename or "index.faiss")
         index = read_index(config.name, path)
-        if not len(config.input) and config.max_batch_size == 0 and default_max_batch_size > 0:
-            config.max_batch_size = default_max_batch_size
-            if not config.HasField("dynamic_batching"):
-                config.dynamic_batching.SetInParent()
+        complete_batching(config, default_max_batch_size)
         k = DEFAULT_K
         listed_k = [int(o.dims[-1]) for o in config.output if len(o.dims) and o.dims[-1] > 0]
         if "k" in config.parameters and config.parameters["k"].string_value:

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from server.backends.base import Backend, Options
-from server.model_config import ConfigError, ModelSpec, set_tensor
+from server.model_config import ConfigError, ModelSpec, complete_batching, set_tensor
 from server.types import Array, DataType, TensorSpec
 
 log = logging.getLogger(__name__)
@@ -82,10 +82,7 @@ class LookupBackend(Backend):
 
     @classmethod
     def complete_config(cls, config: Any, version_dir: Path, default_max_batch_size: int) -> None:
-        if not len(config.input) and config.max_batch_size == 0 and default_max_batch_size > 0:
-            config.max_batch_size = default_max_batch_size
-            if not config.HasField("dynamic_batching"):
-                config.dynamic_batching.SetInParent()
+        complete_batching(config, default_max_batch_size)
         dims = (-1,) if config.max_batch_size > 0 else (-1, -1)
         if not len(config.input):
             set_tensor(config.input.add(), TensorSpec(IDS, DataType.INT64, dims))

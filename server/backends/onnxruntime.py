@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from server.backends.base import Backend, Options
-from server.model_config import ConfigError, set_tensor
+from server.model_config import ConfigError, complete_batching, set_tensor
 from server.types import Array, DataType, TensorSpec
 
 log = logging.getLogger(__name__)
@@ -112,12 +112,8 @@ class OnnxRuntimeBackend(Backend):
         inputs = _graph_tensors(graph.input, initializers)
         outputs = _graph_tensors(graph.output, set())
         config.platform = config.platform or (config.backend and "") or cls.platform
-        if not len(config.input) and config.max_batch_size == 0:
-            batchable = all(dims and dims[0] == -1 for _, _, dims in inputs + outputs)
-            if batchable and default_max_batch_size > 0:
-                config.max_batch_size = default_max_batch_size
-                if not config.HasField("dynamic_batching"):
-                    config.dynamic_batching.SetInParent()
+        batchable = all(dims and dims[0] == -1 for _, _, dims in inputs + outputs)
+        complete_batching(config, default_max_batch_size, batchable)
         skip = 1 if config.max_batch_size > 0 else 0
         for kind, tensors in (("input", inputs), ("output", outputs)):
             listed = {t.name for t in getattr(config, kind)}

@@ -15,15 +15,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import re
-import signal
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 import faiss
@@ -33,6 +29,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from server import index_build  # noqa: E402
+
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from _harness import Tachyon, print_header  # noqa: E402
 
 PERF_ANALYZER = ROOT / ".tools" / "perf_analyzer" / "perf_analyzer"
 DIM, K = 128, 10
@@ -74,39 +73,15 @@ def served_qps(model: str, concurrency: int, seconds: float) -> tuple[float, str
     return float(match[1]), match[0]
 
 
-class Server:
-    def __init__(self, repo: Path) -> None:
-        self.repo = repo
-
-    def __enter__(self) -> Server:
-        command = [str(ROOT / ".venv" / "bin" / "tachyon"), "serve", "--model-repository",
-                   str(self.repo), "--host", "127.0.0.1", "--http-port", "18500", "--grpc-port",
-                   "18501", "--metrics-port", "18502"]
-        self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL,
-                                        stderr=subprocess.DEVNULL, start_new_session=True)
-        for _ in range(600):
-            try:
-                with urllib.request.urlopen("http://127.0.0.1:18500/v2/health/ready", timeout=1):
-                    return self
-            except OSError:
-                time.sleep(0.1)
-        raise RuntimeError("tachyon did not become ready")
-
-    def __exit__(self, *exc: object) -> None:
-        os.killpg(self.process.pid, signal.SIGTERM)
-        self.process.wait(60)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--vectors", type=int, default=200_000)
     parser.add_argument("--small", type=int, default=50_000, help="vectors for IVF and HNSW")
     parser.add_argument("--seconds", type=float, default=5)
     args = parser.parse_args()
-    print("command:", " ".join([sys.executable, *sys.argv]))
-    machine = f"{platform.machine()} {os.cpu_count()} cpus, Python {platform.python_version()}, " \
-              f"faiss {faiss.__version__}, {faiss.omp_get_max_threads()} OpenMP threads"
-    print("machine:", machine)
+    machine = print_header()
+    machine += f", faiss {faiss.__version__}, {faiss.omp_get_max_threads()} OpenMP threads"
+    print("faiss:", faiss.__version__)
     rng = np.random.default_rng(0)
     vectors = rng.standard_normal((args.vectors, DIM)).astype(np.float32)
     queries = rng.standard_normal((2000, DIM)).astype(np.float32)
@@ -147,7 +122,7 @@ def main() -> None:
             recall[model] = recall_at_k(found, truth)
             print(f"recall@10 {model}: {recall[model]:.3f}")
         served = {}
-        with Server(repo):
+        with Tachyon(repo, 18500, 18501, 18502):
             for model in indexes:
                 qps, line = served_qps(model, 32, args.seconds)
                 served[model] = {"c32_qps": qps, "perf_analyzer": line}
@@ -158,7 +133,7 @@ def main() -> None:
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for model, count in (("flat", args.vectors), ("ivf", args.small), ("hnsw", args.small)):
-        s, i = served[model]["c32_qps"], inproc[model]
+        s, i = float(served[model]["c32_qps"]), inproc[model]  # type: ignore[arg-type]
         lines.append(
             f"| {model} | {count:,} | {s:,.0f} | {i['one_at_a_time_qps']:,.0f} | "
             f"{i['batch32_qps']:,.0f} | {s / i['one_at_a_time_qps']:.2f}x | "

@@ -11,49 +11,25 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import re
-import signal
 import statistics
-import subprocess
 import sys
 import time
 import urllib.request
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-SHARED = ROOT.parent / "shared" / "bench"
-WORK = Path(os.environ.get("WORK", Path.home() / ".cache" / "tachyon-peers"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _harness import ROOT, WORK, Tachyon, loadgen, print_header
 
 
 def measure(metrics: bool, seconds: int, concurrency: int) -> float:
-    command = [str(ROOT / ".venv" / "bin" / "tachyon"), "serve", "--model-repository",
-               str(WORK / "repo"), "--host", "127.0.0.1", "--http-port", "18400", "--grpc-port",
-               "18401", "--metrics-port", "18402", "--allow-metrics", str(metrics).lower()]
-    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                              start_new_session=True)
-    try:
-        for _ in range(300):
-            try:
-                with urllib.request.urlopen("http://127.0.0.1:18400/v2/health/ready", timeout=1):
-                    break
-            except OSError:
-                time.sleep(0.1)
-        client = [str(WORK / "v-client" / "bin" / "python"), str(SHARED / "loadgen.py"), "--url",
-                  "127.0.0.1:18401", "--model", "mlp_fp32", "--shape", "1,784",
-                  "--concurrency", str(concurrency), "--seconds", str(seconds)]
-        line = subprocess.run(client, capture_output=True, text=True, check=True).stdout
+    server = Tachyon(WORK / "repo", 18400, 18401, 18402, "--allow-metrics", str(metrics).lower())
+    with server:
+        result = loadgen("127.0.0.1:18401", "mlp_fp32", "1,784", concurrency, seconds)
         if metrics:  # the metrics were really collected
             with urllib.request.urlopen("http://127.0.0.1:18402/metrics", timeout=5) as response:
                 assert b"tachyon_inference_request_success_total" in response.read()
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(30)
-    match = re.search(r"infer/s=([\d,]+)", line)
-    assert match, line
-    print(f"  metrics {'on ' if metrics else 'off'}: {line.strip()}", flush=True)
-    return float(match[1].replace(",", ""))
+    print(f"  metrics {'on ' if metrics else 'off'}: {result['line']}", flush=True)
+    return result["infer_per_s"]
 
 
 def main() -> None:
@@ -62,9 +38,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=int, default=8)
     parser.add_argument("--concurrency", type=int, default=32)
     args = parser.parse_args()
-    print("command:", " ".join([sys.executable, *sys.argv]))
-    machine = f"{platform.machine()} {os.cpu_count()} cpus, Python {platform.python_version()}"
-    print("machine:", machine)
+    machine = print_header()
     on, off = [], []
     for _ in range(args.rounds):
         on.append(measure(True, args.seconds, args.concurrency))

@@ -21,16 +21,14 @@ import os
 import platform
 import re
 import shlex
-import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-SHARED = ROOT.parent / "shared" / "bench"
-WORK = Path(os.environ.get("WORK", Path.home() / ".cache" / "tachyon-peers"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _harness import ROOT, SHARED, WORK, Tachyon
+
 RESULTS = ROOT / "benchmarks" / "results"
 LINE = re.compile(
     r"^(?P<peer>\S+)\s+model=(?P<model>\S+) conc=(?P<conc>\d+) procs=\d+ infer/s=(?P<rps>[\d,]+) "
@@ -86,28 +84,6 @@ def inproc(threads: int = 1) -> dict[int, float]:
     return limits
 
 
-class Tachyon:
-    """`tachyon serve` on the peers' repository, for the measurements run-peers does not make."""
-
-    def __enter__(self) -> Tachyon:
-        command = [str(ROOT / ".venv" / "bin" / "tachyon"), "serve", "--model-repository",
-                   str(WORK / "repo"), "--host", "127.0.0.1", "--http-port", "18100",
-                   "--grpc-port", "18101", "--metrics-port", "18102"]
-        self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL,
-                                        stderr=subprocess.DEVNULL, start_new_session=True)
-        for _ in range(300):
-            try:
-                with urllib.request.urlopen("http://127.0.0.1:18100/v2/health/ready", timeout=1):
-                    return self
-            except OSError:
-                time.sleep(0.1)
-        raise RuntimeError("tachyon did not become ready")
-
-    def __exit__(self, *exc: object) -> None:
-        os.killpg(self.process.pid, signal.SIGTERM)
-        self.process.wait(30)
-
-
 def loadgen(shape: str, concurrency: int, seconds: int) -> dict[str, object]:
     command = [str(WORK / "v-client" / "bin" / "python"), str(SHARED / "loadgen.py"), "--url",
                "127.0.0.1:18101", "--model", "mlp_fp32", "--shape", shape, "--concurrency",
@@ -145,7 +121,7 @@ def main() -> None:
     print("machine:", machine)
     rows = run_peers([*args.peers, "tachyon"], args.seconds)
     limits = inproc(1)
-    with Tachyon():
+    with Tachyon(WORK / "repo", 18100, 18101, 18102):
         rows32 = loadgen("32,784", 4, args.seconds)
         pa = {c: perf_analyzer(c) for c in (1, 32)}
 

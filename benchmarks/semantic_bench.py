@@ -12,16 +12,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import platform
-import signal
-import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _harness import ROOT, Tachyon, print_header
+
 QUERIES = [
     "read a JSON document from a file", "copy a directory tree", "square root of a number",
     "compress data with gzip", "parse command line arguments", "current date and time",
@@ -82,28 +79,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=5)
     args = parser.parse_args()
-    print("command:", " ".join([sys.executable, *sys.argv]))
-    machine = f"{platform.machine()} {os.cpu_count()} cpus, Python {platform.python_version()}"
-    print("machine:", machine)
-    command = [str(ROOT / ".venv" / "bin" / "tachyon"), "serve", "--model-repository",
-               str(ROOT / "model_repository"), "--host", "127.0.0.1", "--http-port", "18700",
-               "--grpc-port", "18701", "--metrics-port", "18702"]
-    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                              start_new_session=True)
+    machine = print_header()
     results = {}
-    try:
-        for _ in range(600):
-            try:
-                url = "http://127.0.0.1:18700/v2/models/semantic_search/ready"
-                with urllib.request.urlopen(url, timeout=1):
-                    break
-            except OSError:
-                time.sleep(0.1)
+    with Tachyon(ROOT / "model_repository", 18700, 18701, 18702, ready_model="semantic_search"):
         for concurrency in (1, 16):
             results[concurrency] = load(concurrency, args.seconds)
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(60)
     lines = ["| concurrency | requests/s | p50 ms | p99 ms |", "| --- | --- | --- | --- |"]
     for concurrency, r in results.items():
         lines.append(f"| {concurrency} | {r['requests_per_s']:,.1f} | {r['p50_ms']:.2f} | "

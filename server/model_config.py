@@ -148,7 +148,8 @@ def is_complete(config: Any) -> bool:
     return bool(len(config.input) and len(config.output))
 
 
-def _enum_name(message: Any, field_name: str) -> str:
+def enum_name(message: Any, field_name: str) -> str:
+    """The name of an enum field's value (TYPE_FP32, KIND_CPU, REJECT)."""
     enum_type = message.DESCRIPTOR.fields_by_name[field_name].enum_type
     return str(enum_type.values_by_number[getattr(message, field_name)].name)
 
@@ -163,7 +164,7 @@ def _tensor_specs(config: Any, kind: str) -> tuple[TensorSpec, ...]:
         if tensor.name in seen:
             raise ConfigError(f"{where}: name '{tensor.name}' appears twice, expected unique names")
         seen.add(tensor.name)
-        type_name = _enum_name(tensor, "data_type")
+        type_name = enum_name(tensor, "data_type")
         try:
             datatype = DataType.from_config(type_name)
         except ValueError:
@@ -190,7 +191,7 @@ def _queue_policy(policy: Any) -> QueuePolicy:
     return QueuePolicy(
         max_queue_size=int(policy.max_queue_size),
         default_timeout_us=int(policy.default_timeout_microseconds),
-        timeout_action_reject=_enum_name(policy, "timeout_action") == "REJECT",
+        timeout_action_reject=enum_name(policy, "timeout_action") == "REJECT",
         allow_timeout_override=bool(policy.allow_timeout_override),
     )
 
@@ -265,7 +266,7 @@ def to_spec(config: Any, backend: str) -> ModelSpec:
     count, kind = 1, "KIND_AUTO"
     if len(config.instance_group):
         count = sum(max(int(g.count), 1) for g in config.instance_group)
-        kind = _enum_name(config.instance_group[0], "kind")
+        kind = enum_name(config.instance_group[0], "kind")
     batching = _dynamic_batching(config)
     if batching is not None and config.max_batch_size == 0:
         batching = None  # Triton ignores dynamic batching for non-batching models

@@ -9,15 +9,10 @@ from typing import Any
 import numpy as np
 
 from server.backends.base import Backend
-from server.model_config import ConfigError
+from server.model_config import ConfigError, enum_name
 from server.types import Array, DataType
 
 log = logging.getLogger(__name__)
-
-
-def _enum_name(message: Any, field_name: str) -> str:
-    enum_type = message.DESCRIPTOR.fields_by_name[field_name].enum_type
-    return str(enum_type.values_by_number[getattr(message, field_name)].name)
 
 
 def warmup_inputs(warmup: Any, model_dir: Path, batching: bool) -> dict[str, Array]:
@@ -27,7 +22,7 @@ def warmup_inputs(warmup: Any, model_dir: Path, batching: bool) -> dict[str, Arr
     batch = max(int(warmup.batch_size), 1)
     inputs = {}
     for name, spec in warmup.inputs.items():
-        datatype = DataType.from_config(_enum_name(spec, "data_type"))
+        datatype = DataType.from_config(enum_name(spec, "data_type"))
         dims = tuple(int(d) for d in spec.dims)
         shape = (batch, *dims) if batching else dims
         count = int(np.prod(shape))

@@ -361,13 +361,15 @@ class DynamicBatcher:
         except ValueError as exc:
             raise ServingError(Code.INVALID_ARGUMENT, str(exc)) from None
         t2 = time.monotonic_ns()
-        results = self._split(requests, outputs)
+        results = self._split(requests, names, outputs)
         t3 = time.monotonic_ns()
         return results, (t1 - t0, t2 - t1, t3 - t2)
 
-    def _split(self, requests: list[_Request], outputs: Outputs) -> list[Outputs]:
+    def _split(self, requests: list[_Request], names: list[str], outputs: Outputs) -> list[Outputs]:
+        """Check the batch's outputs (`names`: every output a request asked for) and cut
+        them into each request's rows."""
         rows = sum(r.rows for r in requests)
-        for name in _union_outputs(requests):
+        for name in names:
             array = outputs.get(name)
             if array is None:
                 raise internal(f"model '{self.spec.name}' did not produce output '{name}'")

@@ -210,7 +210,6 @@ def _output_type(spec: ModelSpec, name: str) -> Any:
 
 def _validate_inputs(spec: ModelSpec, inputs: list[InferInput]) -> int:
     """Check names, datatypes and shapes against the model; returns the batch rows."""
-    expected = {t.name for t in spec.inputs}
     seen = set()
     rows = 1
     for tensor in inputs:
@@ -218,7 +217,7 @@ def _validate_inputs(spec: ModelSpec, inputs: list[InferInput]) -> int:
         if model_input is None:
             raise invalid(
                 f"model '{spec.name}': unexpected input '{tensor.name}', expected inputs "
-                f"{sorted(expected)}"
+                f"{sorted(t.name for t in spec.inputs)}"
             )
         if tensor.name in seen:
             raise invalid(f"model '{spec.name}': input '{tensor.name}' appears twice")
@@ -229,11 +228,13 @@ def _validate_inputs(spec: ModelSpec, inputs: list[InferInput]) -> int:
                 f"{tensor.datatype.value}, expected {model_input.datatype.value}"
             )
         rows = _check_shape(spec, model_input.dims, tensor, rows if len(seen) > 1 else None)
+    if len(seen) == len(spec.inputs):  # every input given: nothing can be missing
+        return rows
     missing = sorted(t.name for t in spec.inputs if t.name not in seen and not t.optional)
     if missing:
         raise invalid(
             f"model '{spec.name}': missing input {', '.join(repr(m) for m in missing)}, expected "
-            f"inputs {sorted(expected)}"
+            f"inputs {sorted(t.name for t in spec.inputs)}"
         )
     return rows
 

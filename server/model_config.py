@@ -79,12 +79,19 @@ class ModelSpec:
     parameters: dict[str, str] = field(default_factory=dict)
     platform: str = ""
     gpu_accelerators: tuple[str, ...] = ()
+    # name -> spec, built once: every request looks its inputs and outputs up
+    _inputs: dict[str, TensorSpec] = field(init=False, repr=False, compare=False)
+    _outputs: dict[str, TensorSpec] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_inputs", {t.name: t for t in self.inputs})
+        object.__setattr__(self, "_outputs", {t.name: t for t in self.outputs})
 
     def input(self, name: str) -> TensorSpec | None:
-        return next((t for t in self.inputs if t.name == name), None)
+        return self._inputs.get(name)
 
     def output(self, name: str) -> TensorSpec | None:
-        return next((t for t in self.outputs if t.name == name), None)
+        return self._outputs.get(name)
 
 
 def read_config(model_dir: Path) -> Any | None:

@@ -84,6 +84,25 @@ def _wait_started(server: RunningServer, expect_ready: bool, timeout: float = 60
 ServerFactory = Callable[..., RunningServer]
 
 
+def repository_index(server: RunningServer) -> dict[tuple[str, str], dict[str, str]]:
+    """RepositoryIndex over gRPC, by (model, version); version "" for a model-level entry."""
+    import tritonclient.grpc as grpcclient
+
+    client = grpcclient.InferenceServerClient(server.grpc_url)
+    models = client.get_model_repository_index(as_json=True)["models"]
+    return {(m["name"], m.get("version", "")): m for m in models}
+
+
+def wait_for(condition: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
+    """Poll `condition` until it holds; fail naming `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
 @pytest.fixture(scope="session")
 def start_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerFactory]:
     """Starts `tachyon serve` on free ports; every server is stopped at the end."""

@@ -7,8 +7,6 @@ the others serve, and a version built while the server polls replaces the old on
 from __future__ import annotations
 
 import asyncio
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +22,7 @@ from tritonclient.utils import InferenceServerException  # noqa: E402
 
 from server import index_build  # noqa: E402
 from server.backends.faiss import apply_search_parameters  # noqa: E402
-from tests.conftest import RunningServer, ServerFactory  # noqa: E402
+from tests.conftest import RunningServer, ServerFactory, repository_index, wait_for  # noqa: E402
 
 COUNT, DIM, K = 2000, 32, 10
 MODELS = {"flat": ("Flat", "L2"), "ivf": ("IVF16,Flat", "IP"), "hnsw": ("HNSW16", "L2")}
@@ -118,21 +116,6 @@ def http_infer(
     outputs = [httpclient.InferRequestedOutput(name, binary_data=binary) for name in OUTPUTS]
     result = client.infer(model, [tensor], outputs=outputs)
     return result.as_numpy("DISTANCES"), result.as_numpy("IDS")
-
-
-def index_entries(server: RunningServer) -> dict[tuple[str, str], dict[str, str]]:
-    client = grpcclient.InferenceServerClient(server.grpc_url)
-    models = client.get_model_repository_index(as_json=True)["models"]
-    return {(m["name"], m.get("version", "")): m for m in models}
-
-
-def wait_for(condition: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 # -- correct answers ----------------------------------------------------------------------
@@ -344,7 +327,7 @@ def test_bad_search_parameters_are_invalid_argument(
 def test_a_file_that_is_not_faiss_leaves_only_its_model_unavailable(
     server: RunningServer,
 ) -> None:
-    entry = index_entries(server)[("broken", "1")]
+    entry = repository_index(server)[("broken", "1")]
     assert entry["state"] == "UNAVAILABLE"
     assert "cannot read" in entry["reason"] and "as a FAISS index" in entry["reason"]
     g = grpcclient.InferenceServerClient(server.grpc_url)
@@ -359,7 +342,7 @@ def test_a_version_built_while_polling_replaces_the_old_one(
     queries = random_vectors(9, rows=4)
     assert grpc_infer(g, "growing", queries)[2] == "1"
     build(repo, "growing", "Flat", seed=1)  # other vectors, other ids
-    wait_for(lambda: index_entries(server).get(("growing", "2"), {}).get("state") == "READY",
+    wait_for(lambda: repository_index(server).get(("growing", "2"), {}).get("state") == "READY",
              "version 2 to be READY")
     distances, ids, version = grpc_infer(g, "growing", queries)
     assert version == "2"
@@ -367,5 +350,5 @@ def test_a_version_built_while_polling_replaces_the_old_one(
     np.testing.assert_array_equal(distances, expected[0])
     np.testing.assert_array_equal(ids, expected[1])
     assert np.all(ids >= 100_000)  # version 2's ids
-    wait_for(lambda: index_entries(server)[("growing", "1")]["state"] == "UNAVAILABLE",
+    wait_for(lambda: repository_index(server)[("growing", "1")]["state"] == "UNAVAILABLE",
              "version 1 to be unloaded")

@@ -10,10 +10,8 @@ import json
 import os
 import shutil
 import threading
-import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -24,7 +22,8 @@ import tritonclient.grpc.aio as grpcclient_aio
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
-from tests.conftest import BUNDLED, RunningServer, ServerFactory
+from tests.conftest import BUNDLED, RunningServer, ServerFactory, wait_for
+from tests.conftest import repository_index as index
 
 CONFIG = """
 name: "{name}"
@@ -64,22 +63,6 @@ def write_config(model_dir: Path, extra: str = "") -> None:
     tmp = model_dir / ".config.tmp"
     tmp.write_text(CONFIG.format(name=model_dir.name, extra=extra))
     tmp.rename(model_dir / "config.pbtxt")
-
-
-def index(server: RunningServer) -> dict[tuple[str, str], dict[str, str]]:
-    models = grpcclient.InferenceServerClient(server.grpc_url).get_model_repository_index(
-        as_json=True
-    )["models"]
-    return {(m["name"], m.get("version", "")): m for m in models}
-
-
-def wait_for(condition: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def infer_version(client: grpcclient.InferenceServerClient, model: str, version: str = "") -> str:

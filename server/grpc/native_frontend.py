@@ -26,19 +26,21 @@ import logging
 from collections.abc import Callable, Coroutine
 from typing import Any
 
+import grpc
+
 from server import _native, proto
 from server.dataplane import DataPlane
 from server.errors import ServingError
-from server.grpc.server import STATUS, UNIMPLEMENTED, GrpcService, _parse_infer_request
+from server.grpc.server import STATUS, UNIMPLEMENTED, GrpcService, parse_infer_request
 
 log = logging.getLogger(__name__)
 
 # Kinds of ready items (see GrpcFrontend.take).
 UNARY, STREAM_MESSAGE, HALF_CLOSED, CANCELLED = 0, 1, 2, 3
 
-OK = 0
-UNIMPLEMENTED_CODE = 12
-INTERNAL = 13
+OK = grpc.StatusCode.OK.value[0]
+UNIMPLEMENTED_CODE = grpc.StatusCode.UNIMPLEMENTED.value[0]
+INTERNAL = grpc.StatusCode.INTERNAL.value[0]
 CODES = {code: status.value[0] for code, status in STATUS.items()}
 
 Response = tuple[int, bytes | None, int, str]
@@ -184,7 +186,7 @@ class NativeGrpcServer:
         `error_message` and the stream goes on (GrpcService.ModelStreamInfer's semantics)."""
         try:
             try:
-                answer = await self._service.stream_answer(_parse_infer_request(message))
+                answer = await self._service.stream_answer(parse_infer_request(message))
             except ServingError as exc:  # the request did not parse
                 answer = proto.ModelStreamInferResponse(error_message=exc.message)
             except Exception as exc:

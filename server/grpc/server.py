@@ -59,7 +59,7 @@ def _set_parameters(target: Any, params: dict[str, bool | int | float | str]) ->
             target[key].string_param = str(value)
 
 
-def _parse_infer_request(data: bytes) -> Any:
+def parse_infer_request(data: bytes) -> Any:
     try:
         return proto.ModelInferRequest.FromString(data)
     except Exception as exc:  # upb's DecodeError
@@ -175,7 +175,7 @@ class GrpcService:
     async def ModelInfer(self, request: bytes, context: Any) -> bytes:
         """The hot path: raw bytes in and out, parsed and serialized here (upb) rather than
         by grpc's generic (de)serializer callbacks."""
-        message = _parse_infer_request(request)
+        message = parse_infer_request(request)
         response = await self.dataplane.infer(decode_infer_request(message))
         serialized: bytes = encode_infer_response(response).SerializeToString()
         return serialized

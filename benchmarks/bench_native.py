@@ -1,9 +1,10 @@
 """Micro-benchmarks of ``server._native`` against its Python references.
 
 Times each native function and the realistic pure-Python alternative on batch sizes the server
-sees (see CASES below), prints a table of per-call medians with the ratio reference / native
+sees (see STRING_CASES below), prints a table of per-call medians with the ratio reference / native
 (> 1 means the native code is faster), and writes every raw timing to
-``benchmarks/results/native_micro.json``.
+``benchmarks/results/native_micro.json``. (The native batch gather and scatter were removed: no
+faster than ``b"".join``, and unused; see ``benchmarks/results/batch-assembly-20261127.md``.)
 
     python benchmarks/bench_native.py [--repeat 15] [--min-time 0.05] [--output PATH]
 """
@@ -33,8 +34,6 @@ from tests import native_reference as ref  # noqa: E402
 
 DEFAULT_OUTPUT = ROOT / "benchmarks" / "results" / "native_micro.json"
 
-# (requests in the batch, fp32 elements per request)
-TENSOR_CASES = [(32, 784), (64, 16), (256, 64)]
 # (strings, min length, max length)
 STRING_CASES = [(32, 10, 100), (1000, 10, 100)]
 
@@ -72,56 +71,6 @@ def time_call(fn: Callable[[], Any], repeat: int, min_time: float) -> dict[str, 
         number *= 2
     runs = [t / number for t in timer.repeat(repeat=repeat, number=number)]
     return {"number": number, "per_call_s": runs, "median_s": statistics.median(runs)}
-
-
-def tensor_cases(rng: np.random.Generator) -> list[dict[str, Any]]:
-    cases = []
-    for n, elems in TENSOR_CASES:
-        arrays = [rng.random(elems, dtype=np.float32) for _ in range(n)]
-        raw = [a.tobytes() for a in arrays]  # gRPC raw_input_contents arrive as bytes
-        out = np.empty(n * elems * 4, dtype=np.uint8)
-        batch = np.concatenate(arrays)
-        sizes = [elems * 4] * n
-        for label, parts in (("bytes parts", raw), ("ndarray parts", arrays)):
-            cases.append(
-                {
-                    "case": f"gather {n} x {elems} fp32 ({label})",
-                    "check": lambda p=parts: (
-                        _native.gather(p).tobytes() == ref.gather_join(p).tobytes()
-                    ),
-                    "native": {
-                        "gather": lambda p=parts: _native.gather(p),
-                        "gather_into (prealloc)": lambda p=parts, o=out: _native.gather_into(p, o),
-                    },
-                    "reference": {
-                        "b''.join + np.frombuffer": lambda p=parts: ref.gather_join(p),
-                        "np.concatenate(np.frombuffer)": lambda p=parts: ref.gather_concat(p),
-                    },
-                }
-            )
-        cases.append(
-            {
-                "case": f"scatter {n} x {elems} fp32",
-                "check": lambda b=batch, s=sizes: _native.scatter(b, s) == ref.scatter(b, s),
-                "native": {"scatter": lambda b=batch, s=sizes: _native.scatter(b, s)},
-                "reference": {
-                    "memoryview slices .tobytes()": lambda b=batch, s=sizes: ref.scatter(b, s),
-                    "tobytes() + bytes slices": lambda b=batch, s=sizes: slice_bytes(b, s),
-                },
-            }
-        )
-    return cases
-
-
-def slice_bytes(batch: np.ndarray, sizes: list[int]) -> list[bytes]:
-    """The other common pure-Python scatter: one tobytes() copy, then bytes slices."""
-    data = batch.tobytes()
-    out = []
-    offset = 0
-    for size in sizes:
-        out.append(data[offset : offset + size])
-        offset += size
-    return out
 
 
 def random_strings(rng: np.random.Generator, count: int, lo: int, hi: int) -> list[str]:
@@ -189,7 +138,7 @@ def main() -> int:
     header = f"{'case':<44} {'implementation':<32} {'median':>11} {'ref/native':>11}"
     print(header)
     print("-" * len(header))
-    for case in tensor_cases(rng) + string_cases(rng):
+    for case in string_cases(rng):
         if not case["check"]():
             raise SystemExit(f"native and reference disagree on {case['case']}")
         timed: dict[str, dict[str, dict[str, Any]]] = {"native": {}, "reference": {}}

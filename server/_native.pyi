@@ -1,4 +1,4 @@
-"""C++ hot paths for Tachyon (``native/``): batch gather/scatter and BYTES (de)serialization.
+"""C++ hot paths for Tachyon (``native/``): BYTES (de)serialization and the gRPC front end.
 
 Every function takes a whole batch per call, accepts any object exposing the buffer protocol
 (bytes, bytearray, memoryview, numpy arrays; read-only buffers are fine), copies with the GIL
@@ -10,7 +10,6 @@ from collections.abc import Iterable, Sequence
 from typing import Any, Final, TypeAlias
 
 import numpy as np
-import numpy.typing as npt
 from typing_extensions import Buffer
 
 GIL_RELEASE_THRESHOLD: Final[int]
@@ -20,42 +19,6 @@ HAVE_GRPC_FRONTEND: Final[bool]
 """Whether this build has ``GrpcFrontend`` (nghttp2 was found when it was compiled)."""
 
 _BytesElement: TypeAlias = bytes | bytearray | memoryview | str | Buffer
-
-def gather(parts: Iterable[Buffer]) -> npt.NDArray[np.uint8]:
-    """Concatenate the bytes of C-contiguous buffers into one new 1-D uint8 numpy array.
-
-    The array is writable and owns its memory (allocated by numpy); view it as the batch with
-    ``.view(dtype).reshape(shape)``. An empty sequence gives an empty array.
-
-    Raises:
-        TypeError: an element has no buffer protocol (str included), or ``parts`` is a single
-            bytes/bytearray/memoryview/str object or not iterable.
-        BufferError | ValueError: an element is not C-contiguous (the exporter's error).
-    """
-
-def gather_into(parts: Iterable[Buffer], out: Buffer) -> int:
-    """Concatenate the bytes of C-contiguous buffers into the start of ``out``.
-
-    ``out`` must be a writable C-contiguous buffer (e.g. a preallocated numpy array of any
-    dtype) and must not overlap the parts. Returns the number of bytes written; the rest of
-    ``out`` is left untouched.
-
-    Raises:
-        ValueError: ``out`` is too small ("out holds N bytes but parts need M bytes").
-        BufferError | ValueError | TypeError: ``out`` is read-only or not a buffer.
-    """
-
-def scatter(batch: Buffer, sizes: Iterable[int]) -> list[bytes]:
-    """Split ``batch`` into consecutive bytes objects of the given byte sizes, from offset 0.
-
-    Bytes past the sum of ``sizes`` are ignored. ``sizes`` may hold numpy integers.
-
-    Raises:
-        ValueError: a size is negative, or the sizes sum past the buffer length
-            ("sizes sum to N bytes but the buffer holds only M bytes").
-        TypeError: a size is not an integer.
-        OverflowError: a size does not fit in a ssize_t.
-    """
 
 def encode_bytes(items: Iterable[_BytesElement] | np.ndarray[Any, Any]) -> bytes:
     """Serialize a KServe v2 / Triton BYTES tensor.

@@ -9,7 +9,7 @@ alternative. They are written for clarity, not speed.
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -19,7 +19,6 @@ if TYPE_CHECKING:  # collections.abc.Buffer is Python >= 3.12
 
 _PREFIX = struct.Struct("<I")
 _MAX_ELEMENT_BYTES = 0xFFFFFFFF
-_SIZE_MAX = 2**64 - 1
 
 
 def _as_bytes(obj: Buffer) -> memoryview:
@@ -30,62 +29,6 @@ def _as_bytes(obj: Buffer) -> memoryview:
     if view.nbytes == 0:
         return memoryview(b"")  # memoryview cannot cast a shape with zeros
     return view.cast("B") if view.ndim != 1 or view.format != "B" else view
-
-
-def gather_join(parts: Sequence[Buffer]) -> np.ndarray:
-    """``b"".join`` then ``np.frombuffer``: the usual pure-Python batch assembly.
-
-    The result is read-only (it views the joined bytes object); the native one is writable.
-    """
-    return np.frombuffer(b"".join(parts), dtype=np.uint8)
-
-
-def gather_concat(parts: Sequence[Buffer]) -> np.ndarray:
-    """``np.concatenate`` of ``np.frombuffer`` views: the usual numpy batch assembly."""
-    if not parts:
-        return np.empty(0, dtype=np.uint8)
-    return np.concatenate([np.frombuffer(p, dtype=np.uint8) for p in parts])  # type: ignore[call-overload]
-
-
-gather = gather_concat
-
-
-def gather_into(parts: Sequence[Buffer], out: Buffer) -> int:
-    target = memoryview(out)
-    if target.readonly:
-        raise BufferError("out is read-only")
-    flat = _as_bytes(target)
-    views = [_as_bytes(p) for p in parts]
-    total = sum(v.nbytes for v in views)
-    if total > flat.nbytes:
-        raise ValueError(f"out holds {flat.nbytes} bytes but parts need {total} bytes")
-    offset = 0
-    for v in views:
-        flat[offset : offset + v.nbytes] = v
-        offset += v.nbytes
-    return total
-
-
-def scatter(batch: Buffer, sizes: Sequence[int]) -> list[bytes]:
-    view = _as_bytes(batch)
-    checked = []
-    for i, size in enumerate(sizes):
-        n = int(size.__index__())
-        if n < 0:
-            raise ValueError(f"sizes[{i}] is negative ({n})")
-        checked.append(n)
-    total = sum(checked)
-    if total > view.nbytes:
-        shown = f"more than {_SIZE_MAX}" if total > _SIZE_MAX else str(total)
-        raise ValueError(
-            f"sizes sum to {shown} bytes but the buffer holds only {view.nbytes} bytes"
-        )
-    out = []
-    offset = 0
-    for n in checked:
-        out.append(view[offset : offset + n].tobytes())
-        offset += n
-    return out
 
 
 def _element_bytes(index: int, item: Any) -> bytes:

@@ -6,13 +6,18 @@ import asyncio
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
 
 from server.backends.base import Backend, Options
 from server.backends.onnxruntime import OnnxRuntimeBackend
-from server.batching import DynamicBatcher
+from server.batching import DynamicBatcher, _gather
 from server.errors import Code, ServingError
 from server.model_config import parse_config, to_spec
 from server.statistics import ModelStats
@@ -350,3 +355,44 @@ def test_requests_with_different_options_never_share_a_batch() -> None:
     run(main())
     assert seen[0] == (1, ())
     assert sorted(seen[1:], key=str) == [(2, (("k", 2),)), (3, (("k", 1),))]
+
+
+# --------------------------------------------------------------------------------------------
+# batch assembly: `_gather` against np.concatenate, on random dtypes and shapes
+
+GATHER_DTYPES = [np.bool_, np.int8, np.uint16, np.int32, np.int64, np.float16, np.float32,
+                 np.float64, np.complex64]
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.sampled_from(GATHER_DTYPES),
+    hnp.array_shapes(min_dims=0, max_dims=2, min_side=0, max_side=4),
+    st.integers(1, 6),
+    st.data(),
+)
+def test_prop_gather_is_concatenate(
+    dtype: Any, inner: tuple[int, ...], n_requests: int, data: st.DataObject
+) -> None:
+    arrays = [
+        data.draw(hnp.arrays(dtype, (data.draw(st.integers(0, 3)), *inner)))
+        for _ in range(n_requests)
+    ]
+    # as the wire delivers them: read-only views of bytes, and some strided ones (row slices
+    # of a transposed array) that take the concatenate path
+    parts = [np.frombuffer(a.tobytes(), dtype).reshape(a.shape) for a in arrays]
+    if data.draw(st.booleans()) and inner and len(inner) == 1 and inner[0] > 1:
+        parts[0] = np.ascontiguousarray(arrays[0].T).T
+    requests = [SimpleNamespace(inputs={"X": p}, rows=p.shape[0]) for p in parts]
+    batch = _gather(requests)["X"]  # type: ignore[arg-type]
+    expected = np.concatenate(arrays)
+    assert batch.dtype == expected.dtype
+    assert batch.shape == expected.shape
+    assert batch.tobytes() == expected.tobytes()
+
+
+def test_gather_object_dtype_concatenates() -> None:
+    parts = [np.array([b"a", b"bc"], dtype=object), np.array([b""], dtype=object)]
+    requests = [SimpleNamespace(inputs={"S": p}, rows=len(p)) for p in parts]
+    batch = _gather(requests)["S"]  # type: ignore[arg-type]
+    assert batch.tolist() == [b"a", b"bc", b""]

@@ -1,8 +1,6 @@
-// Python bindings of server._native: the byte-moving hot paths of the batcher and codecs.
+// Python bindings of server._native: the BYTES codec and the native gRPC front end.
 #include "bytes_codec.hpp"
-#include "gather_scatter.hpp"
 #include "gil.hpp"
-#include "numpy_alloc.hpp"
 #ifdef TACHYON_HAVE_GRPC_FRONTEND
 #include "grpc_frontend_py.hpp"
 #endif
@@ -15,13 +13,12 @@ using namespace nb::literals;
 
 NB_MODULE(_native, m) {
   m.doc() =
-      "C++ hot paths for Tachyon: batch gather/scatter and KServe v2 BYTES (de)serialization.\n"
+      "C++ hot paths for Tachyon: KServe v2 BYTES (de)serialization and the gRPC front end.\n"
       "Every function takes a whole batch per call, accepts any object exposing the buffer\n"
       "protocol (bytes, bytearray, memoryview, numpy arrays; read-only is fine), releases the\n"
       "GIL around copies of at least GIL_RELEASE_THRESHOLD bytes and keeps no reference to\n"
       "its arguments after returning.";
 
-  tachyon::init_numpy_alloc();
   m.attr("GIL_RELEASE_THRESHOLD") = tachyon::kGilReleaseBytes;
 #ifdef TACHYON_HAVE_GRPC_FRONTEND
   m.attr("HAVE_GRPC_FRONTEND") = true;
@@ -29,31 +26,6 @@ NB_MODULE(_native, m) {
 #else
   m.attr("HAVE_GRPC_FRONTEND") = false;
 #endif
-
-  m.def("gather", &tachyon::gather, "parts"_a,
-        nb::sig("def gather(parts: collections.abc.Sequence[collections.abc.Buffer]) "
-                "-> numpy.ndarray"),
-        "Concatenate the bytes of C-contiguous buffers into one new 1-D uint8 numpy array.\n\n"
-        "The array owns fresh memory (no copy beyond the concatenation itself); view it as\n"
-        "the batch with ``.view(dtype).reshape(shape)``. An empty sequence gives an empty\n"
-        "array. Non-contiguous buffers raise the exporter's error (BufferError/ValueError);\n"
-        "objects without the buffer protocol (including str) raise TypeError.");
-
-  m.def("gather_into", &tachyon::gather_into, "parts"_a, "out"_a,
-        nb::sig("def gather_into(parts: collections.abc.Sequence[collections.abc.Buffer], "
-                "out: collections.abc.Buffer) -> int"),
-        "Concatenate the bytes of C-contiguous buffers into the writable C-contiguous buffer\n"
-        "``out`` (from its start) and return the number of bytes written. Raises ValueError\n"
-        "naming both sizes when ``out`` is too small; bytes of ``out`` past the returned\n"
-        "count are left untouched.");
-
-  m.def("scatter", &tachyon::scatter, "batch"_a, "sizes"_a,
-        nb::sig("def scatter(batch: collections.abc.Buffer, "
-                "sizes: collections.abc.Sequence[int]) -> list[bytes]"),
-        "Split the C-contiguous buffer ``batch`` into consecutive bytes objects of the given\n"
-        "byte sizes, starting at offset 0. Bytes past the sum of ``sizes`` are ignored.\n"
-        "Raises ValueError naming both numbers when the sizes sum past the buffer length,\n"
-        "and ValueError for a negative size.");
 
   m.def("encode_bytes", &tachyon::encode_bytes, "items"_a,
         nb::sig("def encode_bytes(items: collections.abc.Iterable[bytes | bytearray | "

@@ -1,9 +1,7 @@
-// Plain (Python-free) descriptions of byte ranges and the copy loops over them.
+// Plain (Python-free) descriptions of byte ranges.
 #pragma once
 
 #include <cstddef>
-#include <cstring>
-#include <vector>
 
 namespace tachyon {
 
@@ -18,26 +16,5 @@ struct Span {
   std::size_t offset;
   std::size_t size;
 };
-
-// Copies `ranges` back to back into `out`, which must hold at least their total size and must
-// not overlap any of them.
-inline void copy_ranges(const std::vector<ByteRange>& ranges, unsigned char* out) {
-  for (const ByteRange& r : ranges) {
-    if (r.size != 0) {
-      std::memcpy(out, r.data, r.size);
-      out += r.size;
-    }
-  }
-}
-
-// Same as copy_ranges, but well defined when a range overlaps `out`.
-inline void move_ranges(const std::vector<ByteRange>& ranges, unsigned char* out) {
-  for (const ByteRange& r : ranges) {
-    if (r.size != 0) {
-      std::memmove(out, r.data, r.size);
-      out += r.size;
-    }
-  }
-}
 
 }  // namespace tachyon

@@ -16,6 +16,7 @@ import grpc
 import pytest
 
 from server import _native
+from server.grpc import native_frontend
 
 pytestmark = pytest.mark.skipif(
     not getattr(_native, "HAVE_GRPC_FRONTEND", False), reason="built without nghttp2"
@@ -289,3 +290,21 @@ def test_stop_flushes_answers_given_during_grace(frontend: Any, channel: grpc.Ch
     frontend.stop(5.0)
     assert time.monotonic() - started < 4  # returned once the call was done, not at grace
     assert future.result(timeout=5) == b"in time"
+
+
+def test_respond_all_answers_every_call_when_one_item_is_refused(
+    frontend: Any, channel: grpc.Channel
+) -> None:
+    futures = [say(channel).future(f"m{i}".encode()) for i in range(3)]
+    items = sorted(wait_items(frontend, 3), key=lambda item: item[2])
+    done: list[Any] = [(call_id, message.upper(), 0, "") for call_id, _, message, _ in items]
+    done[1] = (done[1][0], "not bytes", 0, "")  # respond() refuses the whole group for this
+    with pytest.raises(TypeError):
+        frontend.respond(list(done))
+    native_frontend.respond_all(frontend, done)
+    assert futures[0].result(timeout=5) == b"M0"
+    assert futures[2].result(timeout=5) == b"M2"
+    with pytest.raises(grpc.RpcError) as failed:
+        futures[1].result(timeout=5)
+    assert failed.value.code() == grpc.StatusCode.INTERNAL
+    assert "a message must be bytes or None" in failed.value.details()

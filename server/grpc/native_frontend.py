@@ -127,7 +127,7 @@ class NativeGrpcServer:
             self._fe.send_stream(out)
         if self._done:
             done, self._done = self._done, []
-            self._fe.respond(done)
+            respond_all(self._fe, done)
 
     # -- unary calls ----------------------------------------------------------------------
 
@@ -240,6 +240,21 @@ class NativeGrpcServer:
         await asyncio.to_thread(self._fe.stop, remaining)
         with contextlib.suppress(ValueError, OSError):
             self._loop.remove_reader(self._fe.fileno())
+
+
+def respond_all(frontend: _native.GrpcFrontend, done: list[Response]) -> None:
+    """Answers every call in `done` with one respond(). respond() checks every item before it
+    sends any, so should one be refused (a message over 4 GiB, say), the others are answered
+    one by one and the refused one gets INTERNAL: a call is never left without its answer."""
+    try:
+        frontend.respond(done)
+    except Exception:
+        for item in done:
+            try:
+                frontend.respond([item])
+            except Exception as exc:
+                log.exception("gRPC: the answer to call %d could not be sent", item[0])
+                frontend.respond([(item[0], None, INTERNAL, f"internal error: {exc}")])
 
 
 async def start(dataplane: DataPlane, host: str, port: int, max_message: int) -> NativeGrpcServer:

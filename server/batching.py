@@ -455,7 +455,8 @@ def _gather(requests: list[_Request]) -> dict[str, Array]:
             gathered[name] = np.concatenate(parts)
             continue
         try:
-            joined = b"".join(parts)  # type: ignore[arg-type]  # ndarrays are buffers
+            # ndarrays are buffers; numpy declares it to mypy on Python >= 3.12 only
+            joined = b"".join(parts)  # type: ignore[arg-type,unused-ignore]
         except (BufferError, TypeError, ValueError):  # a part that is not C-contiguous
             gathered[name] = np.concatenate(parts)
             continue

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import signal
 import socket
@@ -91,6 +92,25 @@ def repository_index(server: RunningServer) -> dict[tuple[str, str], dict[str, s
     client = grpcclient.InferenceServerClient(server.grpc_url)
     models = client.get_model_repository_index(as_json=True)["models"]
     return {(m["name"], m.get("version", "")): m for m in models}
+
+
+PERF_ANALYZER = ROOT / ".tools" / "perf_analyzer" / "perf_analyzer"
+
+
+def assert_perf_analyzer_runs(url: str, protocol: str, concurrency: int) -> None:
+    """NVIDIA's perf_analyzer drives identity_fp32 at `url` and reports a throughput, no error."""
+    if not PERF_ANALYZER.exists():
+        pytest.fail("perf_analyzer is not installed: run scripts/setup --test")
+    result = subprocess.run(
+        [str(PERF_ANALYZER), "-m", "identity_fp32", "-u", url, "-i", protocol,
+         "--concurrency-range", str(concurrency), "--measurement-interval", "1000",
+         "--stability-percentage", "50", "--max-trials", "4"],
+        capture_output=True, text=True, timeout=180,
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    assert re.search(r"Throughput: [\d.]+ infer/sec", output), output
+    assert "error" not in output.lower().replace("std error", ""), output
 
 
 def wait_for(condition: Callable[[], bool], what: str, timeout: float = 30.0) -> None:

@@ -10,9 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, RunningServer, ServerFactory, tachyon_command
-
-PERF_ANALYZER = ROOT / ".tools" / "perf_analyzer" / "perf_analyzer"
+from tests.conftest import (
+    ROOT,
+    RunningServer,
+    ServerFactory,
+    assert_perf_analyzer_runs,
+    tachyon_command,
+)
 
 
 def test_serve_help_reads_well() -> None:
@@ -50,19 +54,8 @@ def test_dockerfile_passes_hadolint() -> None:
 
 @pytest.mark.parametrize("protocol", ["grpc", "http"])
 def test_perf_analyzer_runs_without_errors(bundled: RunningServer, protocol: str) -> None:
-    if not PERF_ANALYZER.exists():
-        pytest.fail("perf_analyzer is not installed: run scripts/setup --test")
     url = bundled.grpc_url if protocol == "grpc" else bundled.http_url
-    result = subprocess.run(
-        [str(PERF_ANALYZER), "-m", "identity_fp32", "-u", url, "-i", protocol,
-         "--concurrency-range", "2", "--measurement-interval", "1000",
-         "--stability-percentage", "50", "--max-trials", "4"],
-        capture_output=True, text=True, timeout=180,
-    )
-    output = result.stdout + result.stderr
-    assert result.returncode == 0, output
-    assert re.search(r"Throughput: [\d.]+ infer/sec", output), output
-    assert "error" not in output.lower().replace("std error", ""), output
+    assert_perf_analyzer_runs(url, protocol, concurrency=2)
 
 
 def test_json_logs_carry_the_request_id(start_server: ServerFactory, tmp_path: Path) -> None:

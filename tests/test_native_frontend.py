@@ -25,7 +25,7 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
 from server import _native
-from tests.conftest import BUNDLED, ROOT, RunningServer, free_port
+from tests.conftest import BUNDLED, ROOT, RunningServer, assert_perf_analyzer_runs, free_port
 from tests.test_e2e_infer import assert_outputs, cases, datatype_of
 
 pytestmark = pytest.mark.skipif(
@@ -33,7 +33,6 @@ pytestmark = pytest.mark.skipif(
 )
 
 LIMIT = 100_000  # --max-request-bytes of the native server
-PERF_ANALYZER = ROOT / ".tools" / "perf_analyzer" / "perf_analyzer"
 MODELS = sorted(p.name for p in BUNDLED.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
@@ -371,15 +370,4 @@ def test_clients_that_disconnect_mid_call_do_not_break_the_server(native: Runnin
 
 
 def test_perf_analyzer_runs_without_errors(native: RunningServer) -> None:
-    if not PERF_ANALYZER.exists():
-        pytest.fail("perf_analyzer is not installed: run scripts/setup --test")
-    result = subprocess.run(
-        [str(PERF_ANALYZER), "-m", "identity_fp32", "-u", native.grpc_url, "-i", "grpc",
-         "--concurrency-range", "4", "--measurement-interval", "1000",
-         "--stability-percentage", "50", "--max-trials", "4"],
-        capture_output=True, text=True, timeout=180,
-    )
-    output = result.stdout + result.stderr
-    assert result.returncode == 0, output
-    assert re.search(r"Throughput: [\d.]+ infer/sec", output), output
-    assert "error" not in output.lower().replace("std error", ""), output
+    assert_perf_analyzer_runs(native.grpc_url, "grpc", concurrency=4)

@@ -1,7 +1,7 @@
 """Micro-benchmarks of ``server._native`` against its Python references.
 
 Times each native function and the realistic pure-Python alternative on batch sizes the server
-sees (see STRING_CASES below), prints a table of per-call medians with the ratio reference / native
+sees (STRING_CASES below), prints a table of per-call medians with the ratio reference / native
 (> 1 means the native code is faster), and writes every raw timing to
 ``benchmarks/results/native_micro.json``. (The native batch gather and scatter were removed: no
 faster than ``b"".join``, and unused; see ``benchmarks/results/batch-assembly-20261127.md``.)

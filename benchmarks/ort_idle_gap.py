@@ -20,6 +20,7 @@ import os
 import platform
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -39,9 +40,8 @@ def session(path: Path) -> ort.InferenceSession:
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def measure(run: object, mode: str, gap_s: float, runs: int) -> dict[str, float]:
-    assert callable(run)
-    other = np.zeros(16 << 20, np.uint8)
+def measure(run: Callable[[], object], mode: str, gap_s: float, runs: int) -> dict[str, float]:
+    other = np.zeros(16 << 20 if mode == "evict 16 MiB" else 0, np.uint8)
     walls = []
     cpu0 = time.process_time()
     for _ in range(runs):

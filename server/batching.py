@@ -451,14 +451,15 @@ def _gather(requests: list[_Request]) -> dict[str, Array]:
     rows = sum(r.rows for r in requests)
     for name, first in requests[0].inputs.items():
         parts = [r.inputs[name] for r in requests]
-        if first.dtype == object:
-            gathered[name] = np.concatenate(parts)
-            continue
-        try:
-            # ndarrays are buffers; numpy declares it to mypy on Python >= 3.12 only
-            joined = b"".join(parts)  # type: ignore[arg-type,unused-ignore]
-        except (BufferError, TypeError, ValueError):  # a part that is not C-contiguous
-            gathered[name] = np.concatenate(parts)
-            continue
-        gathered[name] = np.frombuffer(joined, first.dtype).reshape((rows, *first.shape[1:]))
+        if first.dtype != object:
+            try:
+                # ndarrays are buffers; numpy declares it to mypy on Python >= 3.12 only
+                joined = b"".join(parts)  # type: ignore[arg-type,unused-ignore]
+            except (BufferError, TypeError, ValueError):  # a part that is not C-contiguous
+                pass
+            else:
+                shape = (rows, *first.shape[1:])
+                gathered[name] = np.frombuffer(joined, first.dtype).reshape(shape)
+                continue
+        gathered[name] = np.concatenate(parts)
     return gathered

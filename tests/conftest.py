@@ -98,13 +98,16 @@ PERF_ANALYZER = ROOT / ".tools" / "perf_analyzer" / "perf_analyzer"
 
 
 def assert_perf_analyzer_runs(url: str, protocol: str, concurrency: int) -> None:
-    """NVIDIA's perf_analyzer drives identity_fp32 at `url` and reports a throughput, no error."""
+    """NVIDIA's perf_analyzer drives identity_fp32 at `url` and reports a throughput, no error.
+    The stability window is wide on purpose: this checks the protocol, not the machine's noise
+    (at 50% a busy 2-core VM made perf_analyzer give up with "Failed to obtain stable
+    measurement", exit code 2, against a healthy server)."""
     if not PERF_ANALYZER.exists():
         pytest.fail("perf_analyzer is not installed: run scripts/setup --test")
     result = subprocess.run(
         [str(PERF_ANALYZER), "-m", "identity_fp32", "-u", url, "-i", protocol,
          "--concurrency-range", str(concurrency), "--measurement-interval", "1000",
-         "--stability-percentage", "50", "--max-trials", "4"],
+         "--stability-percentage", "100", "--max-trials", "10"],
         capture_output=True, text=True, timeout=180,
     )
     output = result.stdout + result.stderr

@@ -1,7 +1,9 @@
 """Wires the core to its front ends and runs them on one event loop.
 
-Start order: load the models, then open the ports. Stop order: close the ports to new calls
-(letting in-flight calls finish), then drain the batchers, then unload the models.
+Start order: load the models, then open the ports. Stop order (SIGTERM, SIGINT): readiness
+turns false at once (HTTP ready, ServerReady, the gRPC health service), every transport stops
+taking new calls at the same time (the native gRPC front end with GOAWAY) while the calls already
+admitted finish, for up to `--exit-timeout-secs`; then the batchers drain and the models unload.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+from collections.abc import Awaitable
 
 import grpc
 import uvicorn
@@ -19,6 +22,7 @@ from server.config import ServerSettings
 from server.dataplane import DataPlane
 from server.grpc import native_frontend
 from server.grpc import server as grpc_server
+from server.grpc.health import HealthService
 from server.http import server as http_server
 from server.manager import ModelManager, ModelState
 from server.metrics import DEFAULT_LATENCY_BUCKETS, Metrics, StateCollector
@@ -37,6 +41,7 @@ class TachyonServer:
             states = [s.value for s in ModelState]
             self.metrics.add_state_collector(StateCollector(self.manager.entries, states))
         self.dataplane = DataPlane(settings, self.manager)
+        self.health = HealthService(self.dataplane)
         self._grpc: grpc.aio.Server | native_frontend.NativeGrpcServer | None = None
         self._http_task: asyncio.Task[None] | None = None
         self._http: object | None = None
@@ -51,10 +56,11 @@ class TachyonServer:
         if s.allow_grpc:
             frontend = native_frontend if s.grpc_frontend == "native" else grpc_server
             self._grpc = await frontend.start(
-                self.dataplane, s.host, s.grpc_port, s.max_request_bytes
+                self.dataplane, s.host, s.grpc_port, s.max_request_bytes, self.health
             )
         if s.allow_http:
             http = http_server.make_server(self.dataplane, s.host, s.http_port, s.max_request_bytes)
+            http.config.timeout_graceful_shutdown = max(1, round(s.exit_timeout_secs))
             self._http = http
             self._http_task = asyncio.get_running_loop().create_task(http.serve())
             while not http.started:
@@ -83,13 +89,23 @@ class TachyonServer:
             await asyncio.sleep(0.01)
         log.info("metrics on %s:%d/metrics", self.settings.host, self.settings.metrics_port)
 
-    async def stop(self, grace: float = 10.0) -> None:
+    async def stop(self, grace: float | None = None) -> None:
+        """Not ready at once; every transport stops taking calls together and answers the
+        admitted ones within `grace` (default --exit-timeout-secs); then the models unload."""
+        grace = self.settings.exit_timeout_secs if grace is None else grace
+        self.dataplane.started = False
+        self.health.enter_shutdown()
+        closing: list[Awaitable[None]] = []
         if self._grpc is not None:
-            await self._grpc.stop(grace)
+            closing.append(self._grpc.stop(grace))
         if self._http is not None and self._http_task is not None:
             self._http.should_exit = True  # type: ignore[attr-defined]
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._http_task
+            closing.append(self._http_task)
+        for result in await asyncio.gather(*closing, return_exceptions=True):
+            if isinstance(result, BaseException) and not isinstance(
+                result, asyncio.CancelledError
+            ):
+                log.error("a transport failed while stopping: %r", result)
         await self.manager.shutdown()
         if self._metrics_server is not None and self._metrics_task is not None:
             self._metrics_server.should_exit = True
@@ -104,8 +120,12 @@ class TachyonServer:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         await stop.wait()
-        log.info("shutting down: finishing in-flight requests")
+        log.info(
+            "shutting down: not ready, refusing new calls, finishing admitted requests "
+            "(up to %gs)", self.settings.exit_timeout_secs
+        )
         await self.stop()
+        log.info("stopped")
 
 
 def run(settings: ServerSettings) -> None:

@@ -79,6 +79,16 @@ def _serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
                    help="max_batch_size given to batchable models whose config has none")
     p.add_argument("--max-request-bytes", type=int, default=64 * 1024 * 1024, metavar="N",
                    help="largest request accepted (bigger: RESOURCE_EXHAUSTED / 413)")
+    p.add_argument("--strict-readiness", type=_bool, default=True, metavar="BOOL",
+                   help="ready only while every model meant to be served is READY (false: "
+                   "ready once the server is up)")
+    p.add_argument("--exit-on-error", type=_bool, default=True, metavar="BOOL",
+                   help="exit at start when a model fails to load (false: serve the others)")
+    p.add_argument("--exit-timeout-secs", type=float, default=30.0, metavar="S",
+                   help="on SIGTERM, seconds admitted requests have to finish")
+    p.add_argument("--default-max-queue-size", type=int, default=10_000, metavar="N",
+                   help="requests a model's queue holds when its config sets no max_queue_size "
+                   "(0: unbounded); more are refused with RESOURCE_EXHAUSTED / 503")
     p.add_argument("--model-load-thread-count", type=int, default=4, metavar="N",
                    help="threads that load models in parallel")
     p.add_argument("--log-verbose", type=int, default=0, metavar="N",
@@ -130,6 +140,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             model_load_threads=args.model_load_thread_count,
             metrics_latency_buckets=args.metrics_latency_buckets,
             grpc_frontend=args.grpc_frontend,
+            strict_readiness=args.strict_readiness,
+            exit_on_error=args.exit_on_error,
+            exit_timeout_secs=args.exit_timeout_secs,
+            default_max_queue_size=args.default_max_queue_size,
         )
         from server.app import run
 

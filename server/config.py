@@ -33,5 +33,15 @@ class ServerSettings:
     grpc_frontend: str = "native"
     """gRPC transport: "native" (HTTP/2 on nghttp2 in a C++ I/O thread, server/grpc/
     native_frontend.py) or "grpcio" (grpc.aio)."""
+    strict_readiness: bool = True
+    """Triton's --strict-readiness: ready only while every model meant to be served is READY;
+    false: ready once the server is up (live)."""
+    exit_on_error: bool = True
+    """Triton's --exit-on-error: exit at start when a model fails to load."""
+    exit_timeout_secs: float = 30.0
+    """Triton's --exit-timeout-secs: on SIGTERM, how long admitted requests may take to finish."""
+    default_max_queue_size: int = 10_000
+    """Requests a model version's queue holds when its config sets no max_queue_size (Triton has
+    no bound); more are refused with RESOURCE_EXHAUSTED / 503. 0: unbounded."""
     server_id: str = "tachyon"
     extra: dict[str, str] = field(default_factory=dict)

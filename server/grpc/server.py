@@ -13,10 +13,13 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
+from grpc_health.v1 import health_pb2
+from grpc_reflection.v1alpha import reflection_pb2
 
 from server import proto
 from server.dataplane import DataPlane
 from server.errors import Code, ServingError, invalid
+from server.grpc.health import HEALTH_SERVICE, REFLECTION_SERVICES, HealthService, ReflectionService
 from server.statistics import Duration, ModelStats
 from server.tensors import check_shape, from_contents, from_raw, to_raw
 from server.types import DataType, InferInput, InferRequest, InferResponse, RequestedOutput
@@ -94,10 +97,26 @@ def decode_infer_request(message: Any) -> InferRequest:
         model_name=message.model_name,
         model_version=message.model_version,
         inputs=inputs,
-        outputs=[RequestedOutput(o.name) for o in message.outputs],
+        outputs=[_requested_output(o) for o in message.outputs],
         id=message.id,
         parameters=_parameters(message.parameters),
     )
+
+
+def _requested_output(output: Any) -> RequestedOutput:
+    """A requested output; parameters["classification"] = N asks for the top N classes
+    (Triton's classification extension)."""
+    if "classification" not in output.parameters:
+        return RequestedOutput(output.name)
+    value = output.parameters["classification"]
+    kind = value.WhichOneof("parameter_choice")
+    count = getattr(value, kind) if kind is not None else None
+    if kind not in ("int64_param", "uint64_param") or not isinstance(count, int) or count < 1:
+        raise invalid(
+            f"output '{output.name}': parameter 'classification' is {count!r}, expected a "
+            "positive integer (int64_param): the number of top classes to return"
+        )
+    return RequestedOutput(output.name, class_count=count)
 
 
 def encode_infer_response(response: InferResponse) -> Any:
@@ -314,7 +333,37 @@ def generic_handler(service: GrpcService) -> grpc.GenericRpcHandler:
     return grpc.method_handlers_generic_handler(proto.SERVICE_NAME, handlers)
 
 
-async def start(dataplane: DataPlane, host: str, port: int, max_message: int) -> grpc.aio.Server:
+def health_handlers(
+    health: HealthService, reflection: ReflectionService
+) -> list[grpc.GenericRpcHandler]:
+    """grpc.health.v1.Health and server reflection (v1alpha and v1: the same messages)."""
+    check = grpc.unary_unary_rpc_method_handler(
+        _unary(health.Check),
+        request_deserializer=health_pb2.HealthCheckRequest.FromString,
+        response_serializer=health_pb2.HealthCheckResponse.SerializeToString,
+    )
+    watch = grpc.unary_stream_rpc_method_handler(
+        health.Watch,
+        request_deserializer=health_pb2.HealthCheckRequest.FromString,
+        response_serializer=health_pb2.HealthCheckResponse.SerializeToString,
+    )
+    methods = {"Check": check, "Watch": watch}
+    handlers = [grpc.method_handlers_generic_handler(HEALTH_SERVICE, methods)]
+    info = grpc.stream_stream_rpc_method_handler(
+        reflection.ServerReflectionInfo,
+        request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
+        response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString,
+    )
+    for name in REFLECTION_SERVICES:
+        handlers.append(
+            grpc.method_handlers_generic_handler(name, {"ServerReflectionInfo": info})
+        )
+    return handlers
+
+
+async def start(
+    dataplane: DataPlane, host: str, port: int, max_message: int, health: HealthService
+) -> grpc.aio.Server:
     options = [
         ("grpc.max_receive_message_length", max_message),
         ("grpc.max_send_message_length", max_message),
@@ -322,6 +371,7 @@ async def start(dataplane: DataPlane, host: str, port: int, max_message: int) ->
     ]
     server = grpc.aio.server(options=options)
     server.add_generic_rpc_handlers((generic_handler(GrpcService(dataplane)),))
+    server.add_generic_rpc_handlers(tuple(health_handlers(health, ReflectionService())))
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     bound = server.add_insecure_port(address)
     if bound == 0:

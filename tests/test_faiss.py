@@ -179,6 +179,31 @@ def test_a_non_finite_query_is_a_value_error_naming_input_and_row(
         backend.execute({"QUERY": query}, ["IDS"])
 
 
+def test_omp_threads_applies_on_the_thread_that_searches(
+    tmp_path: Path, vectors: np.ndarray, queries: np.ndarray
+) -> None:
+    """OpenMP's thread count is per calling thread: `omp_threads` must hold on the instance
+    thread that runs `search`, not only on the loader thread that ran `load`."""
+    import threading
+
+    wanted = faiss.omp_get_max_threads() + 3  # differs from what a fresh thread starts with
+    text = config(extra=param("omp_threads", str(wanted)))
+    backend = loaded(write_index(tmp_path / "m", flat(vectors), text))
+    seen: list[int] = []
+
+    def instance_thread() -> None:
+        before = faiss.omp_get_max_threads()
+        backend.execute({"QUERY": queries[:2]}, ["IDS"])
+        seen.extend((before, faiss.omp_get_max_threads()))
+
+    for _ in range(2):  # a second thread too: each instance thread sets its own
+        thread = threading.Thread(target=instance_thread)
+        thread.start()
+        thread.join()
+    assert seen[0] != wanted and seen[1] == wanted
+    assert seen[3] == wanted
+
+
 # -- config completion and checks --------------------------------------------------------
 
 

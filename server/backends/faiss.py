@@ -9,7 +9,8 @@ override `k` (up to `max_k`), `nprobe` and `efSearch` with request parameters of
 requests with the same overrides share a batch.
 
 Each instance owns its copy of the index (on a GPU when one is present and the instance group
-allows it) and runs one `index.search` per batch; FAISS releases the GIL inside.
+allows it) and runs one `index.search` per batch on its own thread, with `omp_threads` OpenMP
+threads (set on that thread); FAISS releases the GIL inside.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -284,11 +286,13 @@ class FaissBackend(Backend):
     def load(self) -> None:
         faiss = import_faiss()
         spec = self.spec
-        # FAISS's OpenMP pool is process-wide. Its threads spin-wait: on a small machine two
-        # of them beside the event loop ran a Flat search 7x slower than one (15 vs 107 q/s,
-        # 200k x 128, 2 cores). Default: half the cores; `omp_threads` overrides.
+        # FAISS's OpenMP threads spin-wait: on a small machine two of them beside the event
+        # loop ran a Flat search 7x slower than one (15 vs 107 q/s, 200k x 128, 2 cores).
+        # Default: half the cores; `omp_threads` overrides. OpenMP keeps the count per calling
+        # thread, so `execute` sets it on each thread that searches (once per thread).
         default_threads = max(1, (os.cpu_count() or 2) // 2)
-        faiss.omp_set_num_threads(int(spec.parameters.get("omp_threads", "") or default_threads))
+        self._omp_threads = int(spec.parameters.get("omp_threads", "") or default_threads)
+        self._omp_set = threading.local()
         settings = search_settings(spec)
         index = read_index(spec.name, self.version_dir / spec.model_filename)
         check_config(spec, settings, int(index.d), metric_name(index.metric_type))
@@ -391,6 +395,11 @@ class FaissBackend(Backend):
     def execute(
         self, inputs: dict[str, Array], outputs: list[str], options: Options = ()
     ) -> dict[str, Array]:
+        if not getattr(self._omp_set, "done", False):
+            import faiss
+
+            faiss.omp_set_num_threads(self._omp_threads)
+            self._omp_set.done = True
         query = np.ascontiguousarray(inputs[QUERY], dtype=np.float32)
         self.check_request({QUERY: query})  # requests were checked one by one; this is cheap
         requested = dict(options)

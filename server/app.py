@@ -18,6 +18,7 @@ import grpc
 import uvicorn
 from prometheus_client import make_asgi_app
 
+from server import security
 from server.config import ServerSettings
 from server.dataplane import DataPlane
 from server.grpc import native_frontend
@@ -50,16 +51,22 @@ class TachyonServer:
         self._stopped = asyncio.Event()
 
     async def start(self) -> None:
+        security.check(self.settings)  # refuses TLS or restrictions a transport cannot honour
         await self.manager.start()
         self.dataplane.started = True
         s = self.settings
-        if s.allow_grpc:
-            frontend = native_frontend if s.grpc_frontend == "native" else grpc_server
-            self._grpc = await frontend.start(
+        if s.allow_grpc and s.grpc_frontend == "native":
+            self._grpc = await native_frontend.start(
                 self.dataplane, s.host, s.grpc_port, s.max_request_bytes, self.health
+            )
+        elif s.allow_grpc:
+            self._grpc = await grpc_server.start(
+                self.dataplane, s.host, s.grpc_port, s.max_request_bytes, self.health,
+                tls_settings=s.grpc_tls, restrictions=s.grpc_restricted,
             )
         if s.allow_http:
             http = http_server.make_server(self.dataplane, s.host, s.http_port, s.max_request_bytes)
+            security.secure_http(http.config, s.http_tls, s.http_restricted)
             http.config.timeout_graceful_shutdown = max(1, round(s.exit_timeout_secs))
             self._http = http
             self._http_task = asyncio.get_running_loop().create_task(http.serve())

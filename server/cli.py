@@ -7,7 +7,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from server import __version__, bench, index_build, logs
+from server import __version__, bench, index_build, logs, restricted, security, tls
 from server.config import ServerSettings
 
 
@@ -95,6 +95,46 @@ def _serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
                    help="0: info; 1: debug, a line per request; 2: also library debug lines")
     p.add_argument("--log-format", choices=("text", "json"), default="text",
                    help="text lines, or one JSON object per line")
+    _security_flags(p)
+
+
+def _security_flags(p: argparse.ArgumentParser) -> None:
+    """Triton's TLS and restricted-API flags (the --http-*-ssl ones mirror the gRPC ones)."""
+    groups = ", ".join(restricted.GROUPS)
+    for protocol, name in (("grpc", "gRPC"), ("http", "HTTP")):
+        p.add_argument(f"--{protocol}-use-ssl", type=_bool, nargs="?", const=True, default=False,
+                       metavar="BOOL", help=f"serve {name} over TLS (needs "
+                       f"--{protocol}-server-cert and --{protocol}-server-key)")
+        p.add_argument(f"--{protocol}-use-ssl-mutual", type=_bool, nargs="?", const=True,
+                       default=False, metavar="BOOL", help=f"serve {name} over TLS and require a "
+                       f"client certificate that chains to --{protocol}-root-cert")
+        p.add_argument(f"--{protocol}-server-cert", type=Path, metavar="PEM",
+                       help=f"{name} server certificate (chain)")
+        p.add_argument(f"--{protocol}-server-key", type=Path, metavar="PEM",
+                       help=f"{name} server private key")
+        p.add_argument(f"--{protocol}-root-cert", type=Path, metavar="PEM",
+                       help=f"CA certificates that {name} client certificates must chain to")
+    p.add_argument("--grpc-restricted-protocol", action="append", default=[],
+                   metavar="GROUPS:KEY=VALUE",
+                   help="gRPC calls of these comma-separated groups need the metadata "
+                   f"triton-grpc-protocol-KEY: VALUE, else UNAVAILABLE (repeatable; groups: "
+                   f"{groups})")
+    p.add_argument("--http-restricted-api", action="append", default=[],
+                   metavar="GROUPS:KEY=VALUE",
+                   help="HTTP requests to endpoints of these comma-separated groups need the "
+                   f"header KEY: VALUE, else 403 (repeatable; groups: {groups})")
+
+
+def _tls(args: argparse.Namespace, protocol: str) -> tls.TlsSettings | None:
+    """One protocol's TLS settings from its flags; raises TlsError naming the flag."""
+    return tls.from_flags(
+        protocol,
+        getattr(args, f"{protocol}_use_ssl"),
+        getattr(args, f"{protocol}_use_ssl_mutual"),
+        getattr(args, f"{protocol}_server_cert"),
+        getattr(args, f"{protocol}_server_key"),
+        getattr(args, f"{protocol}_root_cert"),
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -122,6 +162,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"tachyon: --model-repository {args.model_repository} is not a directory",
                   file=sys.stderr)
             return 2
+        try:
+            grpc_tls, http_tls = _tls(args, "grpc"), _tls(args, "http")
+            grpc_restricted = restricted.parse(
+                args.grpc_restricted_protocol, "--grpc-restricted-protocol",
+                restricted.GRPC_HEADER_PREFIX,
+            )
+            http_restricted = restricted.parse(args.http_restricted_api, "--http-restricted-api")
+        except (tls.TlsError, restricted.RestrictionError) as exc:
+            print(f"tachyon: {exc}", file=sys.stderr)
+            return 2
         settings = ServerSettings(
             model_repository=args.model_repository,
             host=args.host,
@@ -144,7 +194,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             exit_on_error=args.exit_on_error,
             exit_timeout_secs=args.exit_timeout_secs,
             default_max_queue_size=args.default_max_queue_size,
+            grpc_tls=grpc_tls,
+            http_tls=http_tls,
+            grpc_restricted=grpc_restricted,
+            http_restricted=http_restricted,
         )
+        problems = security.refusals(settings)
+        for problem in problems:
+            print(f"tachyon: {problem}", file=sys.stderr)
+        if problems:
+            return 2
         from server.app import run
 
         run(settings)

@@ -5,6 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from server.restricted import Restrictions
+from server.tls import TlsSettings
+
 
 @dataclass(frozen=True, slots=True)
 class ServerSettings:
@@ -43,5 +46,14 @@ class ServerSettings:
     default_max_queue_size: int = 10_000
     """Requests a model version's queue holds when its config sets no max_queue_size (Triton has
     no bound); more are refused with RESOURCE_EXHAUSTED / 503. 0: unbounded."""
+    grpc_tls: TlsSettings | None = None
+    """--grpc-use-ssl[-mutual] and its files: gRPC over TLS (grpc.aio only); None: cleartext."""
+    http_tls: TlsSettings | None = None
+    """--http-use-ssl[-mutual] and its files: HTTPS; None: cleartext."""
+    grpc_restricted: Restrictions = field(default_factory=Restrictions)
+    """--grpc-restricted-protocol: groups whose RPCs need a `triton-grpc-protocol-<key>` header
+    (grpc.aio only)."""
+    http_restricted: Restrictions = field(default_factory=Restrictions)
+    """--http-restricted-api: groups whose endpoints need a header."""
     server_id: str = "tachyon"
     extra: dict[str, str] = field(default_factory=dict)

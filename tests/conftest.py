@@ -8,6 +8,7 @@ import re
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -69,13 +70,25 @@ class RunningServer:
         return int(self.process.returncode)
 
 
-def _wait_started(server: RunningServer, expect_ready: bool, timeout: float = 60.0) -> None:
+def _wait_started(
+    server: RunningServer,
+    expect_ready: bool,
+    timeout: float = 60.0,
+    ssl_context: ssl.SSLContext | None = None,
+    headers: dict[str, str] | None = None,
+) -> None:
+    """Polls HTTP live; over HTTPS with `ssl_context`, with `headers` (a restricted health)."""
     deadline = time.monotonic() + timeout
-    url = f"http://{server.http_url}/v2/health/live"
+    scheme = "http" if ssl_context is None else "https"
+    probe = urllib.request.Request(
+        f"{scheme}://{server.http_url}/v2/health/live", headers=headers or {}
+    )
     while time.monotonic() < deadline:
         if server.process.poll() is not None:
             raise RuntimeError(f"server exited with {server.process.returncode}:\n{server.log()}")
-        with contextlib.suppress(OSError), urllib.request.urlopen(url, timeout=1) as response:
+        with contextlib.suppress(OSError), urllib.request.urlopen(
+            probe, timeout=1, context=ssl_context
+        ) as response:
             if response.status == 200:
                 return
         time.sleep(0.1)
@@ -131,7 +144,14 @@ def start_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerFac
     """Starts `tachyon serve` on free ports; every server is stopped at the end."""
     started: list[RunningServer] = []
 
-    def start(repository: Path = BUNDLED, *extra: str) -> RunningServer:
+    def start(
+        repository: Path = BUNDLED,
+        *extra: str,
+        ssl_context: ssl.SSLContext | None = None,
+        probe_headers: dict[str, str] | None = None,
+    ) -> RunningServer:
+        """`ssl_context`: the readiness probe's, for a server started with --http-use-ssl;
+        `probe_headers`: its headers, for one that restricts health."""
         http_port, grpc_port, metrics_port = free_port(), free_port(), free_port()
         log_path = tmp_path_factory.mktemp("server") / "server.log"
         command = [
@@ -154,7 +174,7 @@ def start_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerFac
             process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=env)
         server = RunningServer(process, http_port, grpc_port, metrics_port, log_path)
         started.append(server)
-        _wait_started(server, expect_ready=True)
+        _wait_started(server, expect_ready=True, ssl_context=ssl_context, headers=probe_headers)
         return server
 
     yield start

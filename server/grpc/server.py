@@ -20,8 +20,11 @@ from server import proto
 from server.dataplane import DataPlane
 from server.errors import Code, ServingError, invalid
 from server.grpc.health import HEALTH_SERVICE, REFLECTION_SERVICES, HealthService, ReflectionService
+from server.grpc.restricted import RestrictedProtocolInterceptor
+from server.restricted import Restrictions
 from server.statistics import Duration, ModelStats
 from server.tensors import check_shape, from_contents, from_raw, to_raw
+from server.tls import TlsSettings, grpc_credentials
 from server.types import DataType, InferInput, InferRequest, InferResponse, RequestedOutput
 
 log = logging.getLogger(__name__)
@@ -362,20 +365,33 @@ def health_handlers(
 
 
 async def start(
-    dataplane: DataPlane, host: str, port: int, max_message: int, health: HealthService
+    dataplane: DataPlane,
+    host: str,
+    port: int,
+    max_message: int,
+    health: HealthService,
+    *,
+    tls_settings: TlsSettings | None = None,
+    restrictions: Restrictions | None = None,
 ) -> grpc.aio.Server:
+    """Serves on host:port, over TLS with `tls_settings`; with `restrictions`, calls to a
+    restricted group without its header are refused (server/grpc/restricted.py)."""
     options = [
         ("grpc.max_receive_message_length", max_message),
         ("grpc.max_send_message_length", max_message),
         ("grpc.so_reuseport", 1),
     ]
-    server = grpc.aio.server(options=options)
+    interceptors = [RestrictedProtocolInterceptor(restrictions)] if restrictions else []
+    server = grpc.aio.server(options=options, interceptors=interceptors)
     server.add_generic_rpc_handlers((generic_handler(GrpcService(dataplane)),))
     server.add_generic_rpc_handlers(tuple(health_handlers(health, ReflectionService())))
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    bound = server.add_insecure_port(address)
+    if tls_settings is None:
+        bound = server.add_insecure_port(address)
+    else:
+        bound = server.add_secure_port(address, grpc_credentials(tls_settings))
     if bound == 0:
         raise OSError(f"cannot bind gRPC to {address}")
     await server.start()
-    log.info("gRPC listening on %s", address)
+    log.info("gRPC listening on %s%s", address, "" if tls_settings is None else " (TLS)")
     return server

@@ -256,9 +256,108 @@ def fill_defaults(config: Any, backend: str) -> None:
         config.default_model_filename = _DEFAULT_FILES[backend]
 
 
+def check_supported(config: Any, backend: str) -> None:
+    """Refuse config sections Tachyon does not implement, naming the section: serving the
+    model without them would answer differently from what the config asks for.
+
+    Refused: sequence_batching, ensemble_scheduling on a model that is not an ensemble (and
+    steps' model_namespace), model_transaction_policy.decoupled, response_cache.enable,
+    model_repository_agents, batch_input, batch_output, model_operations, model_metrics,
+    cc_model_filenames, runtime, reshape, is_shape_tensor, allow_ragged_batch and
+    is_non_linear_format_io on tensors, instance_group secondary_devices, profile, passive,
+    gpus other than [0], instance groups of different kinds, and
+    optimization.execution_accelerators.cpu_execution_accelerator.
+
+    Accepted and ignored, as Triton itself ignores them unless a server flag turns them on or
+    the backend is one Tachyon does not have (performance hints, not semantics):
+    instance_group rate_limiter and host_policy, optimization graph / priority / cuda /
+    pinned memory / gather_kernel_buffer_threshold / eager_batching, metric_tags, tensor
+    format, ensemble_scheduling.max_inflight_responses (it only limits decoupled steps).
+    """
+    refused = _unsupported(config, backend)
+    if refused:
+        raise ConfigError(
+            f"model '{config.name}': {refused} is not supported by Tachyon, expected a config "
+            "without it (see the README, Model repository)"
+        )
+
+
+def _unsupported(config: Any, backend: str) -> str:
+    """The first unsupported section of a config, as a field path; "" when none."""
+    sections = [
+        ("sequence_batching", config.HasField("sequence_batching")),
+        ("ensemble_scheduling (on a model that is not an ensemble)",
+         backend != "ensemble" and config.HasField("ensemble_scheduling")),
+        ("model_transaction_policy.decoupled", config.model_transaction_policy.decoupled),
+        ("response_cache.enable", config.response_cache.enable),
+        ("model_repository_agents", len(config.model_repository_agents.agents) > 0),
+        ("batch_input", len(config.batch_input) > 0),
+        ("batch_output", len(config.batch_output) > 0),
+        ("model_operations", len(config.model_operations.op_library_filename) > 0),
+        ("model_metrics", len(config.model_metrics.metric_control) > 0),
+        ("cc_model_filenames", len(config.cc_model_filenames) > 0),
+        ("runtime", bool(config.runtime)),
+        ("optimization.execution_accelerators.cpu_execution_accelerator",
+         len(config.optimization.execution_accelerators.cpu_execution_accelerator) > 0),
+    ]
+    for section, present in sections:
+        if present:
+            return section
+    for index, step in enumerate(config.ensemble_scheduling.step):
+        if step.model_namespace:
+            return f"ensemble_scheduling.step[{index}].model_namespace"
+    for kind in ("input", "output"):
+        for index, tensor in enumerate(getattr(config, kind)):
+            for flag in ("is_shape_tensor", "allow_ragged_batch", "is_non_linear_format_io"):
+                if getattr(tensor, flag, False):
+                    return f"{kind}[{index}] '{tensor.name}': {flag}"
+    kinds = {int(g.kind) for g in config.instance_group}
+    if len(kinds) > 1:
+        return "instance_group with groups of different kinds"
+    for index, group in enumerate(config.instance_group):
+        where = f"instance_group[{index}]"
+        if len(group.secondary_devices):
+            return f"{where}.secondary_devices"
+        if len(group.profile):
+            return f"{where}.profile"
+        if group.passive:
+            return f"{where}.passive"
+        if list(group.gpus) not in ([], [0]):
+            return f"{where}.gpus {list(group.gpus)} (instances go to GPU 0, or in turn)"
+    return ""
+
+
+def read_labels(config: Any, version_dir: Path) -> dict[str, tuple[str, ...]]:
+    """The class labels of each output with a `label_filename` (one label per line, line i
+    for class i), read from the version folder or else the model folder, for the
+    classification extension."""
+    labels = {}
+    for output in config.output:
+        filename = output.label_filename
+        if not filename:
+            continue
+        where = f"model '{config.name}': output '{output.name}'"
+        relative = Path(filename)
+        if relative.is_absolute() or ".." in relative.parts:
+            raise ConfigError(
+                f"{where}: label_filename '{filename}' is not allowed, expected a file name "
+                "inside the model folder"
+            )
+        candidates = [version_dir / relative, version_dir.parent / relative]
+        path = next((p for p in candidates if p.is_file()), None)
+        if path is None:
+            raise ConfigError(
+                f"{where}: label_filename '{filename}' does not exist, expected it in "
+                f"{version_dir} or {version_dir.parent}"
+            )
+        labels[output.name] = tuple(path.read_text(encoding="utf-8").splitlines())
+    return labels
+
+
 def to_spec(config: Any, backend: str) -> ModelSpec:
     """Validate a complete config and return its typed view."""
     name = config.name
+    check_supported(config, backend)
     if config.max_batch_size < 0:
         raise ConfigError(
             f"model '{name}': max_batch_size {config.max_batch_size} is invalid, expected >= 0"

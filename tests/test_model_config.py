@@ -142,3 +142,98 @@ response_cache { enable: false }
     assert spec.gpu_accelerators == ("tensorrt",)
     assert spec.dynamic_batching is not None
     assert spec.dynamic_batching.preferred_batch_sizes == (4, 8)
+
+
+# -- sections Tachyon does not implement ---------------------------------------------------
+
+BASE = ("max_batch_size: 8 input [{ name: 'INPUT0' data_type: TYPE_FP32 dims: [16] }] "
+        "output [{ name: 'OUTPUT0' data_type: TYPE_FP32 dims: [16] }] ")
+
+
+@pytest.mark.parametrize(
+    ("extra", "section"),
+    [
+        ("sequence_batching { max_sequence_idle_microseconds: 100 }", "sequence_batching"),
+        ("ensemble_scheduling { step [{ model_name: 'x' }] }", "ensemble_scheduling"),
+        ("model_transaction_policy { decoupled: true }", "model_transaction_policy.decoupled"),
+        ("response_cache { enable: true }", "response_cache.enable"),
+        ("model_repository_agents { agents [{ name: 'checksum' }] }", "model_repository_agents"),
+        ("batch_input [{ kind: BATCH_ELEMENT_COUNT target_name: 'N' data_type: TYPE_INT32 "
+         "source_input: 'INPUT0' }]", "batch_input"),
+        ("batch_output [{ target_name: 'OUTPUT0' }]", "batch_output"),
+        ("model_operations { op_library_filename: 'libops.so' }", "model_operations"),
+        ("model_metrics { metric_control [{ metric_identifier { family: 'x' } }] }",
+         "model_metrics"),
+        ("cc_model_filenames { key: '8.0' value: 'model.plan' }", "cc_model_filenames"),
+        ("runtime: 'libtriton_onnxruntime.so'", "runtime"),
+        ("optimization { execution_accelerators { cpu_execution_accelerator [{ name: "
+         "'openvino' }] } }", "cpu_execution_accelerator"),
+        ("instance_group [{ count: 1 kind: KIND_CPU passive: true }]", "instance_group[0].passive"),
+        ("instance_group [{ kind: KIND_GPU gpus: [1] }]", "instance_group[0].gpus [1]"),
+        ("instance_group [{ kind: KIND_GPU profile: '0' }]", "instance_group[0].profile"),
+        ("instance_group [{ kind: KIND_GPU secondary_devices [{ device_id: 0 }] }]",
+         "instance_group[0].secondary_devices"),
+        ("instance_group [{ kind: KIND_GPU }, { kind: KIND_CPU }]", "different kinds"),
+    ],
+)
+def test_unsupported_sections_are_refused_naming_the_section(extra: str, section: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        spec_of(BASE + extra, "fancy")
+    message = str(info.value)
+    assert "model 'fancy'" in message and section in message
+    assert "is not supported" in message
+
+
+@pytest.mark.parametrize(
+    ("tensor", "flag"),
+    [
+        ("input [{ name: 'S' data_type: TYPE_INT32 dims: [1] is_shape_tensor: true }]",
+         "is_shape_tensor"),
+        ("input [{ name: 'R' data_type: TYPE_FP32 dims: [-1] allow_ragged_batch: true }]",
+         "allow_ragged_batch"),
+        ("output [{ name: 'N' data_type: TYPE_FP32 dims: [4] is_non_linear_format_io: true }]",
+         "is_non_linear_format_io"),
+    ],
+)
+def test_unsupported_tensor_flags_are_refused(tensor: str, flag: str) -> None:
+    with pytest.raises(ConfigError, match=f"'[SRN]': {flag} is not supported"):
+        spec_of(BASE + tensor, "fancy")
+
+
+def test_ensembles_keep_their_scheduling_and_hints_are_accepted() -> None:
+    ensemble = parse_config(
+        "platform: 'ensemble' max_batch_size: 8 "
+        "input [{ name: 'IN' data_type: TYPE_FP32 dims: [16] }] "
+        "output [{ name: 'OUT' data_type: TYPE_FP32 dims: [16] }] "
+        "ensemble_scheduling { step [{ model_name: 'identity_fp32' model_version: -1 "
+        "input_map { key: 'INPUT0' value: 'IN' } output_map { key: 'OUTPUT0' value: 'OUT' } }] }",
+        "ens")
+    assert to_spec(ensemble, "ensemble").name == "ens"
+    hints = (
+        "instance_group [{ count: 1 kind: KIND_GPU gpus: [0] rate_limiter { priority: 1 } "
+        "host_policy: 'numa0' }] optimization { graph { level: 1 } priority: PRIORITY_MAX "
+        "input_pinned_memory { enable: false } } metric_tags { key: 'team' value: 'a' } "
+        "response_cache { enable: false } model_transaction_policy { decoupled: false }"
+    )
+    assert spec_of(BASE + hints, "hinted").instance_count == 1
+
+
+def test_labels_come_from_the_version_or_the_model_folder(tmp_path: Path) -> None:
+    version = tmp_path / "m" / "1"
+    version.mkdir(parents=True)
+    (tmp_path / "m" / "labels.txt").write_text("cat\ndog\n")
+    (version / "v_labels.txt").write_text("one\n")
+
+    def labelled(first: str, second: str) -> object:
+        return parse_config(
+            "input [{ name: 'IN' data_type: TYPE_FP32 dims: [2] }] output ["
+            f"{{ name: 'OUT' data_type: TYPE_FP32 dims: [2] label_filename: '{first}' }}, "
+            f"{{ name: 'O2' data_type: TYPE_FP32 dims: [1] label_filename: '{second}' }}]", "m")
+
+    config = labelled("labels.txt", "v_labels.txt")
+    assert model_config.read_labels(config, version) == {"OUT": ("cat", "dog"), "O2": ("one",)}
+    (tmp_path / "m" / "labels.txt").unlink()
+    with pytest.raises(ConfigError, match=r"label_filename 'labels\.txt' does not exist"):
+        model_config.read_labels(config, version)
+    with pytest.raises(ConfigError, match=r"label_filename '\.\./x' is not allowed"):
+        model_config.read_labels(labelled("v_labels.txt", "../x"), version)

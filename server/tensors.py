@@ -19,19 +19,42 @@ from server.types import Array, DataType
 Buffer = bytes | bytearray | memoryview
 
 
+# No request carries a tensor that spans more bytes than this (1 TiB); a larger shape is
+# refused before numpy sees it (numpy refuses shapes spanning 2**63 bytes, even empty ones).
+# The data plane applies the server's own, smaller bound (--max-request-bytes).
+MAX_TENSOR_BYTES = 1 << 40
+
+
 def element_count(shape: Sequence[int]) -> int:
     return math.prod(shape)
 
 
-def check_shape(name: str, shape: Sequence[int]) -> tuple[int, ...]:
+def span(shape: Sequence[int]) -> int:
+    """The elements a shape spans with its empty (0) dimensions counted as 1: what bounds an
+    array's size and indexing even when it holds no element."""
+    return math.prod(d or 1 for d in shape)
+
+
+def check_shape(
+    name: str, shape: Sequence[int], itemsize: int = 1, max_bytes: int = MAX_TENSOR_BYTES
+) -> tuple[int, ...]:
+    """A request's shape as a tuple; refuses negative dimensions and shapes that span more
+    than `max_bytes` at `itemsize` bytes an element (BYTES: at least 1)."""
     dims = tuple(shape)
     if dims and min(dims) < 0:
         raise invalid(f"input '{name}': shape {list(dims)} has a negative dimension")
+    if span(dims) * max(itemsize, 1) > max_bytes:
+        raise invalid(
+            f"input '{name}': shape {list(dims)} spans {span(dims)} elements of "
+            f"{max(itemsize, 1)} bytes, more than the bound of {max_bytes} bytes a request "
+            "may carry"
+        )
     return dims
 
 
 def from_raw(name: str, datatype: DataType, shape: tuple[int, ...], data: Buffer) -> Array:
     """Decode a raw tensor (`raw_input_contents` or an HTTP binary part)."""
+    check_shape(name, shape, datatype.itemsize)
     count = element_count(shape)
     if datatype is DataType.BYTES:
         try:
@@ -76,6 +99,7 @@ def from_contents(name: str, datatype: DataType, shape: tuple[int, ...], content
             "raw_input_contents"
         )
     values = getattr(contents, field)
+    check_shape(name, shape, datatype.itemsize)
     count = element_count(shape)
     if len(values) != count:
         raise invalid(
@@ -96,6 +120,7 @@ def from_contents(name: str, datatype: DataType, shape: tuple[int, ...], content
 
 def from_json(name: str, datatype: DataType, shape: tuple[int, ...], data: Any) -> Array:
     """Decode the `data` of a JSON input tensor (flat or nested lists, row-major)."""
+    check_shape(name, shape, datatype.itemsize)
     flat = _flatten(data)
     count = element_count(shape)
     if len(flat) != count:

@@ -13,7 +13,8 @@ answered): a lone request on an idle instance is dispatched at once and pays no 
 
 A request leaves the queue when its client cancels (its future is cancelled) or when its queue
 timeout expires (answered UNAVAILABLE, as Triton does, unless the policy's timeout action is
-DELAY). A full queue (`max_queue_size`) rejects at once with RESOURCE_EXHAUSTED.
+DELAY). A full queue (`max_queue_size`, else the server's `--default-max-queue-size`) rejects
+at once with RESOURCE_EXHAUSTED.
 """
 
 from __future__ import annotations
@@ -94,7 +95,12 @@ class _Instance:
 
 
 class DynamicBatcher:
-    def __init__(self, spec: ModelSpec, backends: Sequence[Backend], stats: ModelStats) -> None:
+    def __init__(
+        self, spec: ModelSpec, backends: Sequence[Backend], stats: ModelStats,
+        default_max_queue_size: int = 0,
+    ) -> None:
+        """`default_max_queue_size` bounds each priority level's queue whose policy sets no
+        max_queue_size (the server's --default-max-queue-size; 0: unbounded)."""
         self.spec = spec
         self.stats = stats
         self._instances = [_Instance(b) for b in backends]
@@ -113,6 +119,7 @@ class DynamicBatcher:
             settings.priority_queue_policy.get(level + 1, settings.default_queue_policy)
             for level in range(levels)
         ]
+        self._queue_limits = [p.max_queue_size or default_max_queue_size for p in self._policies]
         self._default_level = max(settings.default_priority_level, 1) - 1
         self._queued = 0
         self._delay_timer: asyncio.TimerHandle | None = None
@@ -181,19 +188,26 @@ class DynamicBatcher:
         options: Options = (),
     ) -> Outputs:
         """Queue one request; returns its output rows or raises its ServingError. Requests
-        share a batch only when their non-batch shapes and `options` are equal."""
+        share a batch only when they have the same inputs (names, in the same order, and
+        non-batch shapes) and equal `options`."""
         if self._closed:
             raise unavailable(f"model '{self.spec.name}' is unloading, retry")
         level = self._default_level if level is None else level
         policy = self._policies[level]
         waiting = self._queues[level]
-        if policy.max_queue_size and len(waiting) >= policy.max_queue_size:
+        limit = self._queue_limits[level]
+        if limit and len(waiting) >= limit:
+            where = "max_queue_size" if policy.max_queue_size else "--default-max-queue-size"
             raise exhausted(
-                f"model '{self.spec.name}': queue is full ({policy.max_queue_size} requests, "
-                "max_queue_size), retry later"
+                f"model '{self.spec.name}': queue is full ({limit} requests, {where}), "
+                "retry later"
             )
         assert self._loop is not None and self._idle is not None
-        shapes = tuple(a.shape[1:] for a in inputs.values()) if self._batching else ()
+        # the input names belong to the key: requests that leave out different optional
+        # inputs cannot share a batch
+        shapes = (
+            tuple((n, a.shape[1:]) for n, a in inputs.items()) if self._batching else ()
+        )
         request = _Request(
             inputs, outputs, rows, (shapes, options), self._loop.create_future(), level, options
         )

@@ -357,6 +357,109 @@ def test_requests_with_different_options_never_share_a_batch() -> None:
     assert sorted(seen[1:], key=str) == [(2, (("k", 2),)), (3, (("k", 1),))]
 
 
+class OptionalInputsBackend(Backend):
+    """OUT = A + B + C, with B and C optional (zero when left out); waits for `gate` and
+    records the input names of every batch."""
+
+    def __init__(self, *args: object) -> None:
+        super().__init__(*args)  # type: ignore[arg-type]
+        self.gate = threading.Event()
+        self.batches: list[tuple[int, tuple[str, ...]]] = []
+
+    def load(self) -> None:
+        pass
+
+    def execute(
+        self, inputs: dict[str, Array], outputs: list[str], options: Options = ()
+    ) -> dict[str, Array]:
+        self.gate.wait(10)
+        self.batches.append((inputs["A"].shape[0], tuple(sorted(inputs))))
+        total = inputs["A"] + inputs.get("B", 0) + inputs.get("C", 0)
+        return {"OUT": total}
+
+    def unload(self) -> None:
+        pass
+
+
+def test_requests_with_different_optional_inputs_never_share_a_batch() -> None:
+    """{A, B} and {A, C} requests queued together: each batch holds one set of inputs, and
+    every request gets its own sum (before the fix: one batch, KeyError, INTERNAL)."""
+    spec = to_spec(parse_config(
+        "max_batch_size: 16 "
+        "input [{ name: 'A' data_type: TYPE_FP32 dims: [2] }, "
+        "{ name: 'B' data_type: TYPE_FP32 dims: [2] optional: true }, "
+        "{ name: 'C' data_type: TYPE_FP32 dims: [2] optional: true }] "
+        "output [{ name: 'OUT' data_type: TYPE_FP32 dims: [2] }]", "optional"), "onnxruntime")
+    backend = OptionalInputsBackend(spec, Path("."))
+
+    def submit(batcher: DynamicBatcher, a: float, other: str, value: float) -> object:
+        inputs = {"A": np.full((1, 2), a, np.float32), other: np.full((1, 2), value, np.float32)}
+        return asyncio.ensure_future(batcher.submit(inputs, ["OUT"], 1))
+
+    async def main() -> None:
+        batcher = DynamicBatcher(spec, [backend], ModelStats())
+        batcher.start()
+        first = submit(batcher, 0.0, "B", 0.0)
+        await asyncio.sleep(0.05)  # the first request holds the only instance
+        tasks = [submit(batcher, float(i), "B" if i % 2 else "C", 10.0 * i) for i in range(8)]
+        await asyncio.sleep(0.05)
+        backend.gate.set()
+        await first  # type: ignore[misc]
+        for i, task in enumerate(tasks):
+            result = await task  # type: ignore[misc]
+            np.testing.assert_array_equal(result["OUT"], np.full((1, 2), 11.0 * i))
+        await batcher.drain()
+
+    run(main())
+    assert sorted(backend.batches[1:]) == [(4, ("A", "B")), (4, ("A", "C"))]
+
+
+def test_default_max_queue_size_bounds_a_queue_the_config_leaves_unbounded() -> None:
+    spec = identity_spec()  # no max_queue_size
+    backend = GatedBackend(spec, Path("."))
+
+    async def main() -> None:
+        batcher = DynamicBatcher(
+            spec, [backend], ModelStats(), default_max_queue_size=2  # type: ignore[arg-type]
+        )
+        batcher.start()
+        first = asyncio.ensure_future(_submit(batcher, 0.0))
+        await asyncio.sleep(0.05)
+        queued = [asyncio.ensure_future(_submit(batcher, 1.0)) for _ in range(2)]
+        await asyncio.sleep(0.01)
+        with pytest.raises(ServingError) as info:
+            await _submit(batcher, 1.0)
+        assert info.value.code is Code.RESOURCE_EXHAUSTED
+        assert "queue is full (2 requests, --default-max-queue-size)" in info.value.message
+        backend.gate.set()
+        await asyncio.gather(first, *queued)
+        await batcher.drain()
+
+    run(main())
+
+
+def test_the_config_max_queue_size_wins_over_the_default() -> None:
+    spec = identity_spec("dynamic_batching { default_queue_policy { max_queue_size: 3 } }")
+    backend = GatedBackend(spec, Path("."))
+
+    async def main() -> None:
+        batcher = DynamicBatcher(
+            spec, [backend], ModelStats(), default_max_queue_size=1  # type: ignore[arg-type]
+        )
+        batcher.start()
+        first = asyncio.ensure_future(_submit(batcher, 0.0))
+        await asyncio.sleep(0.05)
+        queued = [asyncio.ensure_future(_submit(batcher, 1.0)) for _ in range(3)]
+        await asyncio.sleep(0.01)
+        with pytest.raises(ServingError, match=r"3 requests, max_queue_size"):
+            await _submit(batcher, 1.0)
+        backend.gate.set()
+        await asyncio.gather(first, *queued)
+        await batcher.drain()
+
+    run(main())
+
+
 # --------------------------------------------------------------------------------------------
 # batch assembly: `_gather` against np.concatenate, on random dtypes and shapes
 

@@ -153,8 +153,10 @@ class OnnxRuntimeBackend(Backend):
 
     def _check_against_graph(self) -> None:
         batch = 1 if self.spec.max_batch_size > 0 else 0
+        # graph inputs with an initializer (a default value) may be fed too: optional inputs
+        inputs = [*self.session.get_inputs(), *self.session.get_overridable_initializers()]
         for kind, specs, graph in (
-            ("input", self.spec.inputs, self.session.get_inputs()),
+            ("input", self.spec.inputs, inputs),
             ("output", self.spec.outputs, self.session.get_outputs()),
         ):
             by_name = {g.name: g for g in graph}

@@ -60,9 +60,15 @@ class GrpcFrontend:
     Only present when ``HAVE_GRPC_FRONTEND``. The I/O thread accepts connections, reads whole
     calls and queues them as ready items, announced on ``fileno()``; the application drains
     them with ``take()`` and answers many calls per ``respond()`` / ``send_stream()``, which
-    queue the responses and wake the I/O thread to write them. Compressed messages
-    (UNIMPLEMENTED), messages above ``max_message_bytes`` (RESOURCE_EXHAUSTED, "Received message
-    larger than max (N vs. M)") and malformed framing are answered natively, never delivered.
+    queue the responses and wake the I/O thread to write them.
+
+    Natively, never delivered: gzip / deflate request messages are inflated (never beyond
+    ``max_message_bytes``) and answers compressed alike when the client accepts it; messages
+    above ``max_message_bytes`` (RESOURCE_EXHAUSTED, "Received message larger than max (N vs.
+    M)"), an unknown grpc-encoding (UNIMPLEMENTED), a compressed flag without one (INTERNAL),
+    a malformed grpc-timeout (INTERNAL), a non-gRPC content-type (HTTP 415) and malformed
+    framing are answered here. A call whose grpc-timeout passes before its answer gets
+    DEADLINE_EXCEEDED and is handed over as kind 3 (cancelled).
     No call keeps a Python object past its return; copies of 64 KiB or more release the GIL.
     """
 
@@ -73,10 +79,13 @@ class GrpcFrontend:
         max_message_bytes: int,
         service: str = "inference.GRPCInferenceService",
         streaming_methods: Sequence[str] = ("ModelStreamInfer",),
+        extra_services: Sequence[str] = (),
     ) -> None:
         """Configure; nothing is opened until ``start()``. ValueError for a port outside
-        0..65535 or a zero ``max_message_bytes``. Calls to paths other than ``/<service>/...``
-        are answered UNIMPLEMENTED natively; ``streaming_methods`` are bidirectional streams."""
+        0..65535, a zero ``max_message_bytes`` or a service name with a '/'. Calls to paths
+        other than ``/<service>/<method>`` and ``/<extra service>/<method>`` are answered
+        UNIMPLEMENTED natively. ``streaming_methods`` (named as ``take()`` names them) are
+        delivered message by message then half-closed, whatever their streaming kind."""
 
     def start(self) -> None:
         """Bind (SO_REUSEADDR, SO_REUSEPORT), listen and start the I/O thread. OSError when
@@ -92,11 +101,14 @@ class GrpcFrontend:
     def take(self) -> list[tuple[int, str, bytes, int]]:
         """Drain the ready items, without blocking: ``(call_id, method, message, kind)``.
 
-        ``method`` is the RPC name without the service ("ModelInfer"). ``kind``: 0 a unary
-        request (answer with ``respond()``); 1 one message of a streaming call; 2 the client
-        of a streaming call half-closed (finish it with ``respond()`` once answered); 3 the
-        call is gone (client reset or disconnected, or failed in the transport): forget it,
-        responses to it are dropped. ``message`` is empty for kinds 2 and 3.
+        ``method`` is the RPC name without the service for the primary service
+        ("ModelInfer"), ``"<service>/<method>"`` for an extra one
+        ("grpc.health.v1.Health/Check"). ``kind``: 0 a unary request (answer with
+        ``respond()``); 1 one message of a streaming call; 2 the client of a streaming call
+        half-closed (finish it with ``respond()`` once answered; ``send_stream()`` still works
+        until then); 3 the call is gone (client reset or disconnected, its grpc-timeout passed,
+        or failed in the transport): forget it, responses to it are dropped. ``message`` is
+        empty for kinds 2 and 3.
         """
 
     def respond(self, items: Sequence[tuple[int, bytes | None, int, str]]) -> None:
@@ -113,8 +125,10 @@ class GrpcFrontend:
         """Send ``(call_id, message)`` on streaming calls, keeping them open."""
 
     def shutdown(self) -> None:
-        """Stop accepting and send GOAWAY on every connection: started calls go on, new ones
-        are refused. Non-blocking."""
+        """Stop accepting, then shut every connection down in two steps: GOAWAY with the last
+        stream id 2^31-1 and a PING; once the PING is acknowledged (at most 1 s), GOAWAY with
+        the real last stream id. Started calls go on; streams opened after the final GOAWAY
+        get RST_STREAM(REFUSED_STREAM). Non-blocking."""
 
     def stop(self, grace_s: float = 0.0) -> None:
         """``shutdown()``, wait up to ``grace_s`` seconds for the open calls to finish and

@@ -1,5 +1,6 @@
 #include "grpc_frontend.hpp"
 
+#include "grpc_compression.hpp"
 #include "grpc_wire.hpp"
 #include "unique_fd.hpp"
 
@@ -17,12 +18,15 @@
 #include <atomic>
 #include <cerrno>
 #include <chrono>
+#include <climits>
 #include <condition_variable>
 #include <cstdio>
 #include <cstring>
 #include <exception>
+#include <functional>
 #include <iterator>
 #include <mutex>
+#include <new>
 #include <stdexcept>
 #include <string_view>
 #include <system_error>
@@ -46,6 +50,19 @@ constexpr int kMaxReadsPerWakeup = 16;
 constexpr std::size_t kWriteBatch = 256 * 1024;
 // A stream's output buffer keeps its capacity between messages unless it grew past this.
 constexpr std::size_t kKeepCapacity = 1 << 20;
+
+// Shutdown: the final GOAWAY follows the first once the client acknowledged our PING, or after
+// this long without an acknowledgement.
+constexpr std::chrono::milliseconds kFinalGoawayAfter{1000};
+constexpr std::uint8_t kShutdownPing[8] = {'t', 'a', 'c', 'h', 'y', 'o', 'n', 0};
+// A grpc-timeout this long or longer is no deadline at all (it would overflow the clock).
+constexpr std::chrono::hours kNoDeadlineFrom{24 * 365 * 100};
+// The deadline heap is rebuilt without finished calls once it holds this many entries and
+// four times as many as there are calls.
+constexpr std::size_t kPruneDeadlinesFrom = 4096;
+
+using Clock = std::chrono::steady_clock;
+using grpc_compression::Encoding;
 
 // epoll tags: connections are numbered from kFirstConnection on and never reuse a number, so a
 // stale event for a closed connection finds nothing.
@@ -90,6 +107,26 @@ nghttp2_nv header(std::string_view name, std::string_view value) {
 
 struct Connection;
 
+// Runs a body of an nghttp2 callback: no exception may cross into C. One that escapes is a
+// connection error (nghttp2 then fails the session and the connection is closed).
+template <class Body>
+auto guarded(Body&& body) noexcept -> decltype(body()) {
+  try {
+    return body();
+  } catch (...) {
+    return NGHTTP2_ERR_CALLBACK_FAILURE;
+  }
+}
+
+// The content-types of gRPC: application/grpc, optionally with +<codec> or ;<parameters>.
+bool is_grpc_content_type(std::string_view type) {
+  constexpr std::string_view kGrpc = "application/grpc";
+  if (type.compare(0, kGrpc.size(), kGrpc) != 0) {
+    return false;
+  }
+  return type.size() == kGrpc.size() || type[kGrpc.size()] == '+' || type[kGrpc.size()] == ';';
+}
+
 // One HTTP/2 stream carrying one gRPC call. Owned by its Connection; lives from the request
 // HEADERS until nghttp2 closes the stream (or the connection goes).
 struct Call {
@@ -104,6 +141,10 @@ struct Call {
   std::string path;
   std::string http_method;
   std::string content_type;
+  std::string encoding;         // grpc-encoding
+  std::string accept_encoding;  // grpc-accept-encoding
+  std::string timeout;          // grpc-timeout
+  bool has_timeout = false;
 
   // Request side.
   std::string method;  // RPC name, set once the headers validate
@@ -115,6 +156,8 @@ struct Call {
   bool done = false;           // the final status is decided; later input and responses dropped
 
   // Response side.
+  Encoding respond_encoding = Encoding::kIdentity;  // what our messages are compressed with
+  int http_status = 200;  // 415 for a request that is not gRPC
   bool headers_submitted = false;
   bool trailers_submitted = false;
   std::string out;  // framed messages not yet handed to nghttp2
@@ -136,6 +179,11 @@ struct Connection {
   bool dirty = false;     // on the loop's flush list
   bool dead = false;      // close at the end of this turn
 
+  // Shutdown (see GrpcFrontend::shutdown).
+  enum class Goaway { kNone, kNotice, kFinal } goaway = Goaway::kNone;
+  std::int32_t final_last_stream = 0;  // the last stream id of the final GOAWAY
+  std::vector<std::int32_t> refused;   // streams begun after it, to refuse after this read
+
   Call* find(std::int32_t stream_id) {
     const auto it = calls.find(stream_id);
     return it == calls.end() ? nullptr : it->second.get();
@@ -151,6 +199,10 @@ class GrpcFrontend::Loop {
   explicit Loop(FrontendOptions options)
       : options_(std::move(options)), notify_fd_(make_eventfd()), wake_fd_(make_eventfd()) {
     prefix_ = "/" + options_.service + "/";
+    services_ = options_.service;
+    for (const std::string& extra : options_.extra_services) {
+      services_ += ", " + extra;
+    }
   }
 
   ~Loop() { stop(0.0); }
@@ -243,13 +295,32 @@ class GrpcFrontend::Loop {
   std::size_t active_calls() const { return active_calls_.load(std::memory_order_relaxed); }
 
   // -- nghttp2 callbacks (I/O thread) ------------------------------------------------------
+  // Each body runs under guarded(): an exception becomes a connection error, never crosses C.
+
+  static int on_begin_frame(nghttp2_session* session, const nghttp2_frame_hd* hd, void* user) {
+    auto* conn = static_cast<Connection*>(user);
+    if (hd->type != NGHTTP2_HEADERS || conn->goaway != Connection::Goaway::kFinal ||
+        hd->stream_id <= conn->final_last_stream || (hd->stream_id & 1) == 0 ||
+        nghttp2_session_find_stream(session, hd->stream_id) != nullptr) {
+      return 0;
+    }
+    // A new stream after the final GOAWAY: nghttp2 ignores it silently; we refuse it once this
+    // read is processed (RST_STREAM is valid only after nghttp2 has seen the stream's HEADERS).
+    return guarded([&] {
+      conn->refused.push_back(hd->stream_id);
+      return 0;
+    });
+  }
 
   static int on_begin_headers(nghttp2_session*, const nghttp2_frame* frame, void* user) {
-    if (frame->hd.type == NGHTTP2_HEADERS && frame->headers.cat == NGHTTP2_HCAT_REQUEST) {
+    if (frame->hd.type != NGHTTP2_HEADERS || frame->headers.cat != NGHTTP2_HCAT_REQUEST) {
+      return 0;
+    }
+    return guarded([&] {
       auto* conn = static_cast<Connection*>(user);
       conn->loop->open_call(*conn, frame->hd.stream_id);
-    }
-    return 0;
+      return 0;
+    });
   }
 
   static int on_header(nghttp2_session*, const nghttp2_frame* frame, const std::uint8_t* name,
@@ -262,49 +333,76 @@ class GrpcFrontend::Loop {
     if (call == nullptr) {
       return 0;
     }
-    const std::string_view n(reinterpret_cast<const char*>(name), namelen);
-    const char* v = reinterpret_cast<const char*>(value);
-    if (n == ":path") {
-      call->path.assign(v, valuelen);
-    } else if (n == ":method") {
-      call->http_method.assign(v, valuelen);
-    } else if (n == "content-type") {
-      call->content_type.assign(v, valuelen);
-    }
-    return 0;
+    return guarded([&] {
+      const std::string_view n(reinterpret_cast<const char*>(name), namelen);
+      const char* v = reinterpret_cast<const char*>(value);
+      if (n == ":path") {
+        call->path.assign(v, valuelen);
+      } else if (n == ":method") {
+        call->http_method.assign(v, valuelen);
+      } else if (n == "content-type") {
+        call->content_type.assign(v, valuelen);
+      } else if (n == "grpc-encoding") {
+        call->encoding.assign(v, valuelen);
+      } else if (n == "grpc-accept-encoding") {
+        call->accept_encoding.assign(v, valuelen);
+      } else if (n == "grpc-timeout") {
+        call->timeout.assign(v, valuelen);
+        call->has_timeout = true;
+      }
+      return 0;
+    });
   }
 
   static int on_frame_recv(nghttp2_session*, const nghttp2_frame* frame, void* user) {
+    auto* conn = static_cast<Connection*>(user);
+    if (frame->hd.type == NGHTTP2_PING) {
+      if ((frame->hd.flags & NGHTTP2_FLAG_ACK) != 0 &&
+          std::memcmp(frame->ping.opaque_data, kShutdownPing, sizeof kShutdownPing) == 0) {
+        return guarded([&] {
+          conn->loop->send_final_goaway(*conn);
+          return 0;
+        });
+      }
+      return 0;
+    }
     if (frame->hd.type != NGHTTP2_HEADERS && frame->hd.type != NGHTTP2_DATA) {
       return 0;
     }
-    auto* conn = static_cast<Connection*>(user);
     Call* call = conn->find(frame->hd.stream_id);
     if (call == nullptr) {
       return 0;
     }
-    if (frame->hd.type == NGHTTP2_HEADERS && frame->headers.cat == NGHTTP2_HCAT_REQUEST) {
-      conn->loop->headers_complete(*conn, *call);
-    }
-    if ((frame->hd.flags & NGHTTP2_FLAG_END_STREAM) != 0) {
-      conn->loop->request_ended(*conn, *call);
-    }
-    return 0;
+    return guarded([&] {
+      if (frame->hd.type == NGHTTP2_HEADERS && frame->headers.cat == NGHTTP2_HCAT_REQUEST) {
+        conn->loop->headers_complete(*conn, *call);
+      }
+      if ((frame->hd.flags & NGHTTP2_FLAG_END_STREAM) != 0) {
+        conn->loop->request_ended(*conn, *call);
+      }
+      return 0;
+    });
   }
 
   static int on_data_chunk(nghttp2_session*, std::uint8_t, std::int32_t stream_id,
                            const std::uint8_t* data, std::size_t len, void* user) {
     auto* conn = static_cast<Connection*>(user);
-    if (Call* call = conn->find(stream_id)) {
-      conn->loop->request_data(*conn, *call, data, len);
+    Call* call = conn->find(stream_id);
+    if (call == nullptr) {
+      return 0;
     }
-    return 0;
+    return guarded([&] {
+      conn->loop->request_data(*conn, *call, data, len);
+      return 0;
+    });
   }
 
   static int on_stream_close(nghttp2_session*, std::int32_t stream_id, std::uint32_t, void* user) {
-    auto* conn = static_cast<Connection*>(user);
-    conn->loop->close_call(*conn, stream_id);
-    return 0;
+    return guarded([&] {
+      auto* conn = static_cast<Connection*>(user);
+      conn->loop->close_call(*conn, stream_id);
+      return 0;
+    });
   }
 
   // Hands nghttp2 the next piece of a call's response body; submits the trailers once the
@@ -332,7 +430,8 @@ class GrpcFrontend::Loop {
       return n != 0 ? static_cast<ssize_t>(n) : static_cast<ssize_t>(NGHTTP2_ERR_DEFERRED);
     }
     *flags |= NGHTTP2_DATA_FLAG_EOF | NGHTTP2_DATA_FLAG_NO_END_STREAM;
-    if (submit_trailers(session, stream_id, *call) != 0) {
+    const int rc = guarded([&] { return submit_trailers(session, stream_id, *call); });
+    if (rc != 0) {
       return NGHTTP2_ERR_TEMPORAL_CALLBACK_FAILURE;  // resets this stream only
     }
     return static_cast<ssize_t>(n);
@@ -401,6 +500,7 @@ class GrpcFrontend::Loop {
       throw std::bad_alloc();
     }
     callbacks_.reset(callbacks);
+    nghttp2_session_callbacks_set_on_begin_frame_callback(callbacks, &Loop::on_begin_frame);
     nghttp2_session_callbacks_set_on_begin_headers_callback(callbacks, &Loop::on_begin_headers);
     nghttp2_session_callbacks_set_on_header_callback(callbacks, &Loop::on_header);
     nghttp2_session_callbacks_set_on_frame_recv_callback(callbacks, &Loop::on_frame_recv);
@@ -426,14 +526,15 @@ class GrpcFrontend::Loop {
     std::vector<epoll_event> events(256);
     rbuf_.resize(kReadChunk);
     for (;;) {
-      const int n =
-          ::epoll_wait(epoll_fd_.get(), events.data(), static_cast<int>(events.size()), -1);
+      const int n = ::epoll_wait(epoll_fd_.get(), events.data(), static_cast<int>(events.size()),
+                                 next_timeout_ms());
       if (n < 0 && errno != EINTR) {
         throw std::system_error(errno, std::generic_category(), "epoll_wait");
       }
       for (int i = 0; i < n; ++i) {
         dispatch(events[static_cast<std::size_t>(i)]);
       }
+      run_timers();
       publish();  // before writing: the application starts on new calls meanwhile
       std::vector<Response> responses;
       bool exit = false;
@@ -451,7 +552,7 @@ class GrpcFrontend::Loop {
         begin_shutdown();
       }
       for (Response& r : responses) {
-        apply(r);
+        apply_guarded(r);
       }
       flush_dirty();
       publish();  // cancellations found while writing
@@ -528,6 +629,7 @@ class GrpcFrontend::Loop {
         if (used < 0) {
           conn.dead = true;  // bad preface, flood, or a fatal protocol error
         }
+        refuse_new_streams(conn);
         if (static_cast<std::size_t>(n) < rbuf_.size()) {
           return;
         }
@@ -657,12 +759,100 @@ class GrpcFrontend::Loop {
     for (auto& entry : connections_) {
       Connection& conn = *entry.second;
       nghttp2_session* session = conn.session.get();
-      // Streams up to the last one seen go on; the client opens new ones on a new connection.
-      nghttp2_submit_goaway(session, NGHTTP2_FLAG_NONE,
-                            nghttp2_session_get_last_proc_stream_id(session), NGHTTP2_NO_ERROR,
-                            nullptr, 0);
+      // First step: "stop opening streams soon" (last stream id 2^31-1), and a PING whose
+      // acknowledgement tells that the client has seen it (on_frame_recv).
+      if (nghttp2_submit_shutdown_notice(session) == 0 &&
+          nghttp2_submit_ping(session, NGHTTP2_FLAG_NONE, kShutdownPing) == 0) {
+        conn.goaway = Connection::Goaway::kNotice;
+      } else {
+        send_final_goaway(conn);
+      }
       mark_dirty(conn);
     }
+    final_goaway_at_ = Clock::now() + kFinalGoawayAfter;
+    final_goaway_pending_ = true;
+  }
+
+  // Second step: streams up to the last one seen go on; later ones are refused (the client
+  // opens them on a new connection).
+  void send_final_goaway(Connection& conn) {
+    if (conn.goaway == Connection::Goaway::kFinal) {
+      return;
+    }
+    nghttp2_session* session = conn.session.get();
+    conn.final_last_stream = nghttp2_session_get_last_proc_stream_id(session);
+    conn.goaway = Connection::Goaway::kFinal;
+    if (nghttp2_submit_goaway(session, NGHTTP2_FLAG_NONE, conn.final_last_stream,
+                              NGHTTP2_NO_ERROR, nullptr, 0) != 0) {
+      conn.dead = true;
+    }
+    mark_dirty(conn);
+  }
+
+  void refuse_new_streams(Connection& conn) {
+    for (const std::int32_t stream_id : conn.refused) {
+      nghttp2_submit_rst_stream(conn.session.get(), NGHTTP2_FLAG_NONE, stream_id,
+                                NGHTTP2_REFUSED_STREAM);
+    }
+    conn.refused.clear();
+  }
+
+  // -- timers ------------------------------------------------------------------------------
+
+  // epoll_wait's timeout: until the earliest deadline or the final GOAWAY, rounded up.
+  int next_timeout_ms() const {
+    Clock::time_point next = Clock::time_point::max();
+    if (!deadlines_.empty()) {
+      next = deadlines_.front().at;
+    }
+    if (final_goaway_pending_) {
+      next = std::min(next, final_goaway_at_);
+    }
+    if (next == Clock::time_point::max()) {
+      return -1;
+    }
+    const auto left = next - Clock::now();
+    if (left <= Clock::duration::zero()) {
+      return 0;
+    }
+    const auto ms = std::chrono::ceil<std::chrono::milliseconds>(left).count();
+    return ms > INT_MAX ? INT_MAX : static_cast<int>(ms);
+  }
+
+  void run_timers() {
+    const Clock::time_point now = Clock::now();
+    if (final_goaway_pending_ && now >= final_goaway_at_) {
+      final_goaway_pending_ = false;
+      for (auto& entry : connections_) {
+        send_final_goaway(*entry.second);  // no PING acknowledgement in time
+      }
+    }
+    while (!deadlines_.empty() && deadlines_.front().at <= now) {
+      std::pop_heap(deadlines_.begin(), deadlines_.end(), std::greater<>());
+      const std::uint64_t call_id = deadlines_.back().call_id;
+      deadlines_.pop_back();
+      const auto it = call_index_.find(call_id);
+      if (it != call_index_.end() && !it->second->done) {
+        // grpc-core's words; the application is told to drop the call (kCancelled).
+        fail(*it->second->conn, *it->second, grpc_wire::kDeadlineExceeded, "Deadline Exceeded");
+      }
+    }
+  }
+
+  void add_deadline(Call& call, std::chrono::nanoseconds timeout) {
+    if (timeout >= kNoDeadlineFrom) {
+      return;
+    }
+    if (deadlines_.size() >= kPruneDeadlinesFrom && deadlines_.size() > 4 * call_index_.size()) {
+      // Entries of finished calls stay until they expire; drop them all at once.
+      const auto gone = [this](const Deadline& d) { return call_index_.count(d.call_id) == 0; };
+      deadlines_.erase(std::remove_if(deadlines_.begin(), deadlines_.end(), gone),
+                       deadlines_.end());
+      std::make_heap(deadlines_.begin(), deadlines_.end(), std::greater<>());
+    }
+    const auto at = Clock::now() + std::chrono::duration_cast<Clock::duration>(timeout);
+    deadlines_.push_back({at, call.id});
+    std::push_heap(deadlines_.begin(), deadlines_.end(), std::greater<>());
   }
 
   // Moves the items found in this turn to the application's queue; signals it on the
@@ -719,20 +909,65 @@ class GrpcFrontend::Loop {
            "gRPC calls use POST, not '" + call.http_method + "'");
       return;
     }
-    if (call.content_type.compare(0, 16, "application/grpc") != 0) {
+    if (!is_grpc_content_type(call.content_type)) {
+      // PROTOCOL-HTTP2.md: HTTP 415, so that no HTTP client takes the answer for a success
+      // (grpc-go adds grpc-status INTERNAL; so do we).
+      call.http_status = 415;
       fail(conn, call, grpc_wire::kInternal,
-           "content-type '" + call.content_type + "' is not application/grpc");
+           "invalid gRPC request content-type '" + call.content_type + "'");
       return;
     }
-    if (call.path.size() <= prefix_.size() || call.path.compare(0, prefix_.size(), prefix_) != 0 ||
-        call.path.find('/', prefix_.size()) != std::string::npos) {
+    if (call.has_timeout) {
+      const auto timeout = grpc_wire::parse_timeout(call.timeout);
+      if (!timeout) {
+        // grpc-go answers a malformed grpc-timeout with INTERNAL too.
+        fail(conn, call, grpc_wire::kInternal,
+             "malformed grpc-timeout '" + call.timeout +
+                 "': expected 1 to 8 digits and a unit (H, M, S, m, u or n)");
+        return;
+      }
+      add_deadline(call, *timeout);
+    }
+    if (!route(call)) {
       fail(conn, call, grpc_wire::kUnimplemented,
-           "unknown method '" + call.path + "': this server implements " + options_.service);
+           "unknown method '" + call.path + "': this server implements " + services_);
       return;
     }
-    call.method = call.path.substr(prefix_.size());
     call.streaming = std::find(options_.streaming_methods.begin(), options_.streaming_methods.end(),
                                call.method) != options_.streaming_methods.end();
+    const Encoding encoding = grpc_compression::parse_encoding(call.encoding);
+    call.reader.set_encoding(encoding, call.encoding);
+    // Answer in the request's encoding when the client accepts it, as grpc-core servers do.
+    if ((encoding == Encoding::kGzip || encoding == Encoding::kDeflate) &&
+        grpc_compression::accepts(call.accept_encoding, encoding)) {
+      call.respond_encoding = encoding;
+    }
+  }
+
+  // Sets call.method from its :path: the bare RPC name for the primary service,
+  // "<service>/<method>" for an extra one. False for any other path.
+  bool route(Call& call) const {
+    const std::string& path = call.path;
+    if (path.size() > prefix_.size() && path.compare(0, prefix_.size(), prefix_) == 0) {
+      if (path.find('/', prefix_.size()) != std::string::npos) {
+        return false;
+      }
+      call.method = path.substr(prefix_.size());
+      return true;
+    }
+    const std::size_t slash = path.find('/', 1);
+    if (path.empty() || path[0] != '/' || slash == std::string::npos || slash + 1 >= path.size() ||
+        path.find('/', slash + 1) != std::string::npos) {
+      return false;
+    }
+    const std::string_view service(path.data() + 1, slash - 1);
+    for (const std::string& extra : options_.extra_services) {
+      if (extra == service) {
+        call.method = path.substr(1);
+        return true;
+      }
+    }
+    return false;
   }
 
   void request_data(Connection& conn, Call& call, const std::uint8_t* data, std::size_t len) {
@@ -740,18 +975,23 @@ class GrpcFrontend::Loop {
       return;  // already answered: the rest of the request is read and dropped
     }
     bool extra = false;
-    const grpc_wire::ReadError error = call.reader.feed(data, len, [&](std::string&& message) {
-      if (call.streaming) {
-        call.delivered = true;
-        local_ready_.push_back(
-            {call.id, call.method, std::move(message), ItemKind::kStreamMessage});
-      } else if (call.has_message) {
-        extra = true;
-      } else {
-        call.unary_message = std::move(message);
-        call.has_message = true;
-      }
-    });
+    grpc_wire::ReadError error;
+    try {
+      error = call.reader.feed(data, len, [&](std::string&& message) {
+        if (call.streaming) {
+          call.delivered = true;
+          local_ready_.push_back(
+              {call.id, call.method, std::move(message), ItemKind::kStreamMessage});
+        } else if (call.has_message) {
+          extra = true;
+        } else {
+          call.unary_message = std::move(message);
+          call.has_message = true;
+        }
+      });
+    } catch (const std::bad_alloc&) {
+      error = {grpc_wire::kResourceExhausted, "the server is out of memory for this message"};
+    }
     if (error) {
       fail(conn, call, error.code, error.message);
     } else if (extra) {
@@ -802,6 +1042,33 @@ class GrpcFrontend::Loop {
     mark_dirty(conn);
   }
 
+  // apply(), with a failure (out of memory) ending that call instead of the I/O thread.
+  void apply_guarded(Response& r) {
+    try {
+      apply(r);
+    } catch (const std::exception&) {
+      const auto it = call_index_.find(r.call_id);
+      if (it != call_index_.end()) {
+        fail(*it->second->conn, *it->second, grpc_wire::kInternal,
+             "the server could not send its answer (out of memory)");
+      }
+    }
+  }
+
+  // Replaces a framed message by its compressed form, when that is smaller.
+  static void compress_framed(Encoding encoding, std::string& framed) {
+    std::string packed;
+    const std::size_t size = framed.size() - grpc_wire::kPrefixBytes;
+    if (!grpc_compression::deflate(encoding, framed.data() + grpc_wire::kPrefixBytes, size,
+                                   packed)) {
+      return;  // not smaller: sent uncompressed (compressed flag 0), as grpc-core does
+    }
+    char prefix[grpc_wire::kPrefixBytes];
+    grpc_wire::write_prefix(prefix, static_cast<std::uint32_t>(packed.size()), true);
+    framed.assign(prefix, grpc_wire::kPrefixBytes);
+    framed.append(packed);
+  }
+
   void apply(Response& r) {
     const auto it = call_index_.find(r.call_id);
     if (it == call_index_.end()) {
@@ -820,11 +1087,16 @@ class GrpcFrontend::Loop {
         r.status = grpc_wire::kResourceExhausted;
         r.status_message = "Sent message larger than max (" + std::to_string(size) + " vs. " +
                            std::to_string(options_.max_message_bytes) + ")";
-      } else if (call.out.empty()) {
-        call.out = std::move(r.framed);
-        call.out_off = 0;
       } else {
-        call.out.append(r.framed);
+        if (call.respond_encoding != Encoding::kIdentity) {
+          compress_framed(call.respond_encoding, r.framed);
+        }
+        if (call.out.empty()) {
+          call.out = std::move(r.framed);
+          call.out_off = 0;
+        } else {
+          call.out.append(r.framed);
+        }
       }
     }
     if (r.final) {
@@ -853,12 +1125,15 @@ class GrpcFrontend::Loop {
       }
       return;  // a stream with nothing to send yet
     }
-    const nghttp2_nv headers[] = {header(":status", "200"),
-                                  header("content-type", "application/grpc")};
+    const nghttp2_nv headers[] = {
+        header(":status", "200"), header("content-type", "application/grpc"),
+        header("grpc-accept-encoding", grpc_compression::kAcceptEncoding),
+        header("grpc-encoding", grpc_compression::encoding_name(call.respond_encoding))};
+    const std::size_t count = call.respond_encoding == Encoding::kIdentity ? 3 : 4;
     nghttp2_data_provider body{};
     body.source.ptr = &call;
     body.read_callback = &Loop::read_body;
-    if (nghttp2_submit_response(session, call.stream_id, headers, 2, &body) == 0) {
+    if (nghttp2_submit_response(session, call.stream_id, headers, count, &body) == 0) {
       call.headers_submitted = true;
     }
   }
@@ -876,18 +1151,27 @@ class GrpcFrontend::Loop {
   static void submit_trailers_only(nghttp2_session* session, Call& call) {
     const std::string status = std::to_string(call.status);
     const std::string message = grpc_wire::percent_encode(call.status_message);
-    const nghttp2_nv headers[] = {header(":status", "200"),
-                                  header("content-type", "application/grpc"),
-                                  header("grpc-status", status), header("grpc-message", message)};
-    const std::size_t count = message.empty() ? 3 : 4;
+    const std::string http_status = std::to_string(call.http_status);
+    const nghttp2_nv headers[] = {
+        header(":status", http_status), header("content-type", "application/grpc"),
+        header("grpc-accept-encoding", grpc_compression::kAcceptEncoding),
+        header("grpc-status", status), header("grpc-message", message)};
+    const std::size_t count = message.empty() ? 4 : 5;
     if (nghttp2_submit_response(session, call.stream_id, headers, count, nullptr) == 0) {
       call.headers_submitted = true;
       call.trailers_submitted = true;
     }
   }
 
+  struct Deadline {
+    Clock::time_point at;
+    std::uint64_t call_id;
+    bool operator>(const Deadline& other) const { return at > other.at; }
+  };
+
   const FrontendOptions options_;
-  std::string prefix_;  // "/<service>/"
+  std::string prefix_;    // "/<service>/"
+  std::string services_;  // every service, for UNIMPLEMENTED's message
   const UniqueFd notify_fd_;
   const UniqueFd wake_fd_;
   UniqueFd epoll_fd_;
@@ -916,7 +1200,10 @@ class GrpcFrontend::Loop {
   std::vector<std::uint8_t> rbuf_;
   std::uint64_t next_tag_ = kFirstConnection;
   std::uint64_t next_call_id_ = 1;
+  std::vector<Deadline> deadlines_;  // a min-heap on `at` (std::greater)
   bool shutting_down_ = false;
+  bool final_goaway_pending_ = false;
+  Clock::time_point final_goaway_at_;
 };
 
 GrpcFrontend::GrpcFrontend(FrontendOptions options)

@@ -20,13 +20,16 @@ enum class ItemKind : int {
   kUnary = 0,          // a whole unary request: answer it with one final Response
   kStreamMessage = 1,  // one request message of a streaming call (the call stays open)
   kHalfClosed = 2,     // the client of a streaming call will send no more messages
-  kCancelled = 3,      // the call is gone (client reset or disconnected, or it failed in the
-                       // transport): drop its state; responses to it are discarded
+  kCancelled = 3,      // the call is gone (client reset or disconnected, its grpc-timeout
+                       // passed, or it failed in the transport): drop its state; responses to
+                       // it are discarded
 };
 
 struct ReadyItem {
   std::uint64_t call_id;
-  std::string method;   // the RPC name, without the "/<service>/" prefix
+  // The RPC: for the primary service its bare name ("ModelInfer"), for an extra service
+  // "<service>/<method>" ("grpc.health.v1.Health/Check").
+  std::string method;
   std::string message;  // the request message (empty unless kind is kUnary / kStreamMessage)
   ItemKind kind;
 };
@@ -44,8 +47,11 @@ struct FrontendOptions {
   std::string host;
   int port = 0;  // 0: any free port (see GrpcFrontend::port())
   std::size_t max_message_bytes = 0;  // larger messages (either way): RESOURCE_EXHAUSTED
-  std::string service;                // e.g. "inference.GRPCInferenceService"
-  std::vector<std::string> streaming_methods;  // bidirectional-streaming RPC names
+  std::string service;                // the primary service, e.g. "inference.GRPCInferenceService"
+  std::vector<std::string> extra_services;  // more services, e.g. "grpc.health.v1.Health"
+  // Streaming RPCs, named as ReadyItem::method names them. Any streaming kind (client, server or
+  // bidirectional) is delivered alike: its messages, then its half-close.
+  std::vector<std::string> streaming_methods;
 };
 
 class GrpcFrontend {
@@ -76,8 +82,11 @@ class GrpcFrontend {
   // are dropped there.
   void respond(std::vector<Response>&& responses);
 
-  // Stops accepting connections and sends GOAWAY on every connection: calls already started
-  // go on, new ones are refused. Non-blocking; idempotent.
+  // Stops accepting connections and shuts every connection down in two steps, as grpc-core does:
+  // a GOAWAY with the last stream id 2^31-1 and a PING, then, once the PING is acknowledged (one
+  // round trip, at most 1 s), a GOAWAY with the real last stream id. Calls that reached the
+  // server before the second go on; streams opened after it get RST_STREAM(REFUSED_STREAM), which
+  // clients retry elsewhere. Non-blocking; idempotent.
   void shutdown();
 
   // shutdown(), then waits up to `grace_s` seconds for every connection to finish its calls

@@ -11,6 +11,7 @@
 #include <cstring>
 #include <string>
 #include <system_error>
+#include <utility>
 #include <vector>
 
 namespace tachyon {
@@ -219,12 +220,14 @@ void register_grpc_frontend(nb::module_& m) {
       "A gRPC server transport (cleartext HTTP/2, nghttp2) on its own I/O thread.\n\n"
       "Complete calls are queued as ready items and announced on ``fileno()``; the\n"
       "application drains them with ``take()`` and answers many calls per ``respond()``.\n"
-      "Compressed messages (UNIMPLEMENTED), messages above ``max_message_bytes``\n"
-      "(RESOURCE_EXHAUSTED) and malformed framing are answered here, never delivered.")
+      "gzip / deflate messages are inflated here; messages above ``max_message_bytes``\n"
+      "(RESOURCE_EXHAUSTED), unknown encodings (UNIMPLEMENTED), expired grpc-timeouts\n"
+      "(DEADLINE_EXCEEDED) and malformed framing are answered here, never delivered.")
       .def(
           "__init__",
           [](GrpcFrontend* self, const std::string& host, int port, std::size_t max_message_bytes,
-             const std::string& service, const std::vector<std::string>& streaming_methods) {
+             const std::string& service, const std::vector<std::string>& streaming_methods,
+             const std::vector<std::string>& extra_services) {
             if (port < 0 || port > 65535) {
               throw nb::value_error(("port must be 0..65535, got " + std::to_string(port)).c_str());
             }
@@ -232,12 +235,30 @@ void register_grpc_frontend(nb::module_& m) {
               throw nb::value_error("max_message_bytes must be positive");
             }
             // nanobind constructs bound objects in place, in storage it owns.
-            new (self) GrpcFrontend(
-                grpc::FrontendOptions{host, port, max_message_bytes, service, streaming_methods});
+            if (service.empty() || service.find('/') != std::string::npos) {
+              throw nb::value_error(("service must be a name without '/', got '" + service +
+                                     "'").c_str());
+            }
+            for (const std::string& extra : extra_services) {
+              if (extra.empty() || extra.find('/') != std::string::npos || extra == service) {
+                throw nb::value_error(("extra_services: '" + extra + "' is not a service name "
+                                       "other than the primary one").c_str());
+              }
+            }
+            grpc::FrontendOptions options;
+            options.host = host;
+            options.port = port;
+            options.max_message_bytes = max_message_bytes;
+            options.service = service;
+            options.extra_services = extra_services;
+            options.streaming_methods = streaming_methods;
+            // nanobind constructs bound objects in place, in storage it owns.
+            new (self) GrpcFrontend(std::move(options));
           },
           "host"_a, "port"_a, "max_message_bytes"_a,
           "service"_a = "inference.GRPCInferenceService",
-          "streaming_methods"_a = std::vector<std::string>{"ModelStreamInfer"})
+          "streaming_methods"_a = std::vector<std::string>{"ModelStreamInfer"},
+          "extra_services"_a = std::vector<std::string>{})
       .def(
           "start",
           [](GrpcFrontend& fe) {
@@ -263,7 +284,8 @@ void register_grpc_frontend(nb::module_& m) {
           nb::sig("def take(self) -> list[tuple[int, str, bytes, int]]"),
           "Drain the ready items (non-blocking): (call_id, method, message, kind) with kind 0 a\n"
           "unary request, 1 a message of a streaming call, 2 its client half-closed, 3 the call\n"
-          "is gone (client reset or disconnected, or failed in the transport): forget it.")
+          "is gone (client reset or disconnected, deadline passed, or failed in the transport):\n"
+          "forget it. method is bare for the primary service, \"<service>/<method>\" else.")
       .def("respond", &respond, "items"_a,
            nb::sig("def respond(self, items: collections.abc.Sequence[tuple[int, bytes | None, "
                    "int, str]]) -> None"),
@@ -274,9 +296,11 @@ void register_grpc_frontend(nb::module_& m) {
       .def("send_stream", &send_stream, "items"_a,
            nb::sig("def send_stream(self, items: collections.abc.Sequence[tuple[int, bytes]]) "
                    "-> None"),
-           "Send (call_id, message) on streaming calls, keeping them open.")
+           "Send (call_id, message) on streaming calls, keeping them open (also after the\n"
+           "client half-closed, until respond() sends the final status).")
       .def("shutdown", &GrpcFrontend::shutdown, nb::call_guard<nb::gil_scoped_release>(),
-           "Stop accepting and send GOAWAY: started calls go on, new ones are refused.")
+           "Stop accepting; GOAWAY(2^31-1) and a PING, then on its ack (at most 1 s) the final\n"
+           "GOAWAY: started calls go on, later streams are refused (REFUSED_STREAM).")
       .def("stop", &GrpcFrontend::stop, "grace_s"_a = 0.0,
            nb::call_guard<nb::gil_scoped_release>(),
            "shutdown(), wait up to grace_s seconds for open calls to finish and flush, then\n"

@@ -4,9 +4,14 @@
 // a percent-encoded grpc-message (https://github.com/grpc/grpc/blob/master/doc/PROTOCOL-HTTP2.md).
 #pragma once
 
+#include "grpc_compression.hpp"
+
+#include <chrono>
 #include <cstddef>
 #include <cstdint>
+#include <optional>
 #include <string>
+#include <string_view>
 
 namespace tachyon::grpc_wire {
 
@@ -14,13 +19,14 @@ inline constexpr std::size_t kPrefixBytes = 5;
 
 // The gRPC status codes this front end produces by itself.
 inline constexpr int kOk = 0;
-inline constexpr int kInternal = 13;
+inline constexpr int kDeadlineExceeded = 4;
 inline constexpr int kResourceExhausted = 8;
 inline constexpr int kUnimplemented = 12;
+inline constexpr int kInternal = 13;
 
-// Writes the 5-byte prefix of an uncompressed message of `size` bytes at `out`.
-inline void write_prefix(char* out, std::uint32_t size) {
-  out[0] = 0;
+// Writes the 5-byte prefix of a message of `size` bytes at `out`.
+inline void write_prefix(char* out, std::uint32_t size, bool compressed = false) {
+  out[0] = compressed ? 1 : 0;
   out[1] = static_cast<char>(size >> 24);
   out[2] = static_cast<char>(size >> 16);
   out[3] = static_cast<char>(size >> 8);
@@ -36,6 +42,36 @@ inline std::string frame(const char* data, std::uint32_t size) {
   out.append(prefix, kPrefixBytes);
   out.append(data, size);
   return out;
+}
+
+// Parses grpc-timeout: 1 to 8 ASCII digits, then a unit (H, M, S, m, u, n). nullopt when
+// malformed; a duration too long for nanoseconds saturates at nanoseconds::max().
+inline std::optional<std::chrono::nanoseconds> parse_timeout(std::string_view text) {
+  if (text.size() < 2 || text.size() > 9) {
+    return std::nullopt;
+  }
+  std::int64_t value = 0;
+  for (const char c : text.substr(0, text.size() - 1)) {
+    if (c < '0' || c > '9') {
+      return std::nullopt;
+    }
+    value = value * 10 + (c - '0');  // at most 99,999,999
+  }
+  std::int64_t unit_ns = 0;
+  switch (text.back()) {
+    case 'H': unit_ns = 3'600'000'000'000; break;
+    case 'M': unit_ns = 60'000'000'000; break;
+    case 'S': unit_ns = 1'000'000'000; break;
+    case 'm': unit_ns = 1'000'000; break;
+    case 'u': unit_ns = 1'000; break;
+    case 'n': unit_ns = 1; break;
+    default: return std::nullopt;
+  }
+  using std::chrono::nanoseconds;
+  if (value > nanoseconds::max().count() / unit_ns) {
+    return nanoseconds::max();
+  }
+  return nanoseconds(value * unit_ns);
 }
 
 // grpc-message is percent-encoded: bytes outside printable ASCII, and '%' itself, become %XX.
@@ -63,15 +99,22 @@ struct ReadError {
   explicit operator bool() const { return code != kOk; }
 };
 
-// Splits the DATA bytes of one call into messages, fed in arbitrary pieces. Every declared length
-// is checked against the limit before a byte of the message is buffered, so an oversized or
-// hostile length never allocates.
+// Splits the DATA bytes of one call into messages, fed in arbitrary pieces, and inflates the
+// compressed ones. Every declared length is checked against the limit before a byte of the
+// message is buffered, and inflating stops at the limit, so neither an oversized length nor a
+// zip bomb allocates beyond it.
 class MessageReader {
  public:
   explicit MessageReader(std::size_t max_message_bytes) : max_(max_message_bytes) {}
 
+  // The call's grpc-encoding, known before its first DATA byte; `name` as the client sent it.
+  void set_encoding(grpc_compression::Encoding encoding, std::string_view name) {
+    encoding_ = encoding;
+    encoding_name_.assign(name.data(), name.size());
+  }
+
   // Consumes `len` bytes; calls on_message(std::string&&) for every message completed. Stops at
-  // the first error, which it returns (later calls keep returning it).
+  // the first error, which it returns (later calls keep returning it). Throws std::bad_alloc.
   template <class OnMessage>
   ReadError feed(const std::uint8_t* data, std::size_t len, OnMessage&& on_message) {
     while (len > 0 && !error_) {
@@ -107,18 +150,29 @@ class MessageReader {
 
  private:
   void begin_message() {
+    using grpc_compression::Encoding;
     const std::uint8_t flag = prefix_[0];
     const std::size_t size = (static_cast<std::size_t>(prefix_[1]) << 24) |
                              (static_cast<std::size_t>(prefix_[2]) << 16) |
                              (static_cast<std::size_t>(prefix_[3]) << 8) |
                              static_cast<std::size_t>(prefix_[4]);
-    if (flag == 1) {
-      error_ = {kUnimplemented, "compression is not supported: send uncompressed messages"};
-      return;
-    }
-    if (flag != 0) {
+    if (flag > 1) {
       error_ = {kInternal, "malformed gRPC message: compressed flag is " + std::to_string(flag) +
                                ", expected 0 or 1"};
+      return;
+    }
+    compressed_ = flag == 1;
+    if (compressed_ && encoding_ == Encoding::kIdentity) {
+      // compression.md: the flag without a grpc-encoding other than identity is INTERNAL.
+      error_ = {kInternal, "malformed gRPC message: the compressed flag is set but the call's "
+                           "grpc-encoding is identity (or absent)"};
+      return;
+    }
+    if (compressed_ && encoding_ == Encoding::kUnknown) {
+      // compression.md: UNIMPLEMENTED, naming what the server accepts (grpc-accept-encoding
+      // on the response says it too).
+      error_ = {kUnimplemented, "grpc-encoding '" + encoding_name_ + "' is not supported: "
+                                "send identity, deflate or gzip"};
       return;
     }
     if (size > max_) {
@@ -135,14 +189,41 @@ class MessageReader {
   template <class OnMessage>
   void finish_message(OnMessage& on_message) {
     prefix_have_ = 0;
+    if (compressed_ && !inflate_message()) {
+      return;
+    }
     on_message(std::move(message_));
     message_ = std::string();
   }
 
+  // Replaces message_ by its inflated bytes; false (error_ set) when it cannot.
+  bool inflate_message() {
+    using grpc_compression::InflateResult;
+    std::string plain;
+    const InflateResult result =
+        grpc_compression::inflate(encoding_, message_.data(), message_.size(), max_, plain);
+    if (result == InflateResult::kTooLarge) {
+      error_ = {kResourceExhausted, "Received message larger than max: its " + encoding_name_ +
+                                        " data inflates to more than " + std::to_string(max_) +
+                                        " bytes"};
+      return false;
+    }
+    if (result == InflateResult::kMalformed) {
+      error_ = {kInternal, "could not decompress a " + encoding_name_ +
+                               " message: the data is corrupt or truncated"};
+      return false;
+    }
+    message_ = std::move(plain);
+    return true;
+  }
+
   std::size_t max_;
+  grpc_compression::Encoding encoding_ = grpc_compression::Encoding::kIdentity;
+  std::string encoding_name_;
   std::uint8_t prefix_[kPrefixBytes] = {};
   std::size_t prefix_have_ = 0;
   std::size_t need_ = 0;  // bytes of the current message still to come
+  bool compressed_ = false;
   std::string message_;
   ReadError error_;
 };

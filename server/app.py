@@ -12,7 +12,8 @@ import asyncio
 import contextlib
 import logging
 import signal
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any
 
 import grpc
 import uvicorn
@@ -25,7 +26,7 @@ from server.grpc import native_frontend
 from server.grpc import server as grpc_server
 from server.grpc.health import HealthService
 from server.http import server as http_server
-from server.manager import ModelManager, ModelState
+from server.manager import ModelManager, ModelState, StartupError
 from server.metrics import DEFAULT_LATENCY_BUCKETS, Metrics, StateCollector
 
 log = logging.getLogger(__name__)
@@ -52,7 +53,10 @@ class TachyonServer:
 
     async def start(self) -> None:
         security.check(self.settings)  # refuses TLS or restrictions a transport cannot honour
-        await self.manager.start()
+        failures = await self.manager.start()
+        if failures and self.settings.exit_on_error:
+            await self.manager.shutdown()
+            raise StartupError(failures)
         self.dataplane.started = True
         s = self.settings
         if s.allow_grpc and s.grpc_frontend == "native":
@@ -139,6 +143,11 @@ def run(settings: ServerSettings) -> None:
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
-        asyncio.run(TachyonServer(settings).run_until_signal())
-        return
-    uvloop.run(TachyonServer(settings).run_until_signal())
+        runner: Callable[[Coroutine[Any, Any, None]], None] = asyncio.run
+    else:
+        runner = uvloop.run
+    try:
+        runner(TachyonServer(settings).run_until_signal())
+    except StartupError as exc:  # --exit-on-error: the reasons, then a non-zero exit
+        log.critical("%s", exc)
+        raise SystemExit(1) from None

@@ -51,10 +51,13 @@ class ModelMetadata:
 
 @dataclass(frozen=True, slots=True)
 class IndexEntry:
+    """One RepositoryIndex row. A model in the repository that was never loaded has only its
+    name (version, state and reason ""), as in Triton; transports leave the empty ones out."""
+
     name: str
-    version: str
-    state: str
-    reason: str
+    version: str = ""
+    state: str = ""
+    reason: str = ""
 
 
 class DataPlane:
@@ -69,9 +72,13 @@ class DataPlane:
         return True
 
     def ready(self) -> bool:
-        """Ready once startup loading finished and every model is READY (Triton's
-        strict readiness)."""
-        return self.started and all(v.ready for v in self.manager.entries())
+        """Ready once startup loading finished (and until shutdown starts). With strict
+        readiness (Triton's default) also every version meant to be served must be READY:
+        failed loads count, versions unloaded on purpose (an unload request, or retired by
+        version_policy) and loads still running do not."""
+        if not self.started:
+            return False
+        return not self.settings.strict_readiness or not self.manager.unready()
 
     def model_ready(self, name: str, version: str = "") -> bool:
         return self.manager.is_ready(name, version)
@@ -167,12 +174,22 @@ class DataPlane:
     async def unload_model(self, name: str) -> None:
         await self.manager.unload_request(name)
 
-    def repository_index(self, ready_only: bool = False) -> list[IndexEntry]:
-        return [
+    async def repository_index(self, ready_only: bool = False) -> list[IndexEntry]:
+        """Every version the manager knows (unloaded ones as UNAVAILABLE with the reason
+        "unloaded", as Triton keeps them), and, unless `ready_only`, every other model in the
+        repository with its name only, as Triton lists models it never loaded."""
+        entries = [
             IndexEntry(v.name, str(v.version) if v.version else "", v.state.value, v.reason)
             for v in self.manager.entries()
             if v.ready or not ready_only
         ]
+        if ready_only:
+            return entries
+        known = {v.name for v in self.manager.entries()}
+        entries += [
+            IndexEntry(name) for name in await self.manager.repository_models() if name not in known
+        ]
+        return sorted(entries, key=lambda e: e.name)
 
 
 def _log_failure(request: InferRequest, reason: str, exc: BaseException) -> None:

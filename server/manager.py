@@ -2,12 +2,18 @@
 
 One enum (`ModelState`) and one owner (`ModelManager`) change a version's readiness, always on
 the event loop thread, so a switch from an old version to a new one is atomic for requests.
-Loading (reading files, creating sessions, warmup) runs on loader threads, never on the loop.
+File work never runs on the loop: repository scans (folders, configs, fingerprints) run on one
+`repository-io` thread, so that a scan never waits behind a model load; loading (sessions,
+warmup) and unloading run on the loader threads (`--model-load-thread-count`).
 
 Load before unload: a new version, or a version whose config or files changed, is loaded and
 warmed while the old one keeps serving; the table then points at the new one, and the old one
 is unloaded after its in-flight requests are answered. A failed load leaves the old one serving
 and records the reason.
+
+A version that is unloaded on purpose (an unload request, or its version_policy no longer
+selects it) is *retired*: it stays in the index as UNAVAILABLE with the reason, but it is not
+meant to be served, so it does not count against readiness, and its metric series are removed.
 """
 
 from __future__ import annotations
@@ -16,14 +22,14 @@ import asyncio
 import contextlib
 import ctypes
 import enum
-import hashlib
 import logging
 import shutil
 import tempfile
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from server import model_config, repository
 from server.backends import Backend, factory
@@ -38,6 +44,9 @@ from server.warmup import warm_up
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
+Failures = dict[str, list[str]]  # model name -> the reasons its loads failed
+
 
 class ModelState(enum.Enum):
     UNKNOWN = "UNKNOWN"
@@ -45,6 +54,18 @@ class ModelState(enum.Enum):
     UNAVAILABLE = "UNAVAILABLE"
     LOADING = "LOADING"
     UNLOADING = "UNLOADING"
+
+
+class StartupError(RuntimeError):
+    """Models failed to load at start (`--exit-on-error` makes the server exit on it)."""
+
+    def __init__(self, failures: Failures) -> None:
+        details = "; ".join(f"{name}: {' / '.join(reasons)}" for name, reasons in failures.items())
+        super().__init__(
+            f"{len(failures)} model(s) failed to load at start, exiting (--exit-on-error; "
+            f"--exit-on-error false serves the others): {details}"
+        )
+        self.failures = failures
 
 
 @dataclass(eq=False)
@@ -62,20 +83,39 @@ class ModelVersion:
     stats: ModelStats = field(default_factory=ModelStats)
     fingerprint: str = ""  # config + files; a change triggers a reload
     failed_fingerprint: str = ""  # the last reload attempt that failed, not retried as is
+    labels: dict[str, tuple[str, ...]] = field(default_factory=dict)  # output -> class labels
+    # unloaded on purpose (unload request, version_policy): not meant to be served
+    retired: bool = False
 
     @property
     def ready(self) -> bool:
         return self.state is ModelState.READY
 
+    @property
+    def counts_for_readiness(self) -> bool:
+        """Meant to be served and settled: not retired, and not in its first load."""
+        return not self.retired and self.state is not ModelState.LOADING
+
 
 @dataclass(frozen=True, slots=True)
 class ModelSource:
     """Where a model's files are: its folder, and an optional config that replaces its
-    config.pbtxt (RepositoryModelLoad's `config` parameter)."""
+    config.pbtxt (RepositoryModelLoad's `config` parameter). `scratch` marks a folder of
+    files carried in a load request, removed once the source is replaced or unloaded."""
 
     directory: Path
     config_text: str | None = None  # protobuf text format
     config_json: str | None = None  # JSON, as Triton's load API takes it
+    scratch: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class _Scan:
+    """What a reconcile reads from disk: the config and the selected versions' folders."""
+
+    config: Any
+    folders: dict[int, Path]  # the selected versions
+    fingerprints: dict[int, str]
 
 
 def check_name(name: str, what: str = "model name") -> None:
@@ -109,8 +149,8 @@ class ModelManager:
         self._loader = ThreadPoolExecutor(
             settings.model_load_threads, thread_name_prefix="model-load"
         )
+        self._files = ThreadPoolExecutor(1, thread_name_prefix="repository-io")
         self._poller: asyncio.Task[None] | None = None
-        self._scratch: list[Path] = []
 
     # -- queries (event loop) -----------------------------------------------------------
 
@@ -162,26 +202,46 @@ class ModelManager:
             table[v] for name, table in sorted(self._models.items()) for v in sorted(table)
         ]
 
+    def unready(self) -> list[ModelVersion]:
+        """The versions meant to be served that cannot serve: failed loads and model-level
+        errors. Retired versions (unloaded on purpose) and first loads still running do not
+        count, so a rollout or an unload never makes the server unready."""
+        return [v for v in self.entries() if v.counts_for_readiness and not v.ready]
+
     def find_config(self, name: str, version: str = "") -> Any:
         """The config of a version for the ModelConfig RPC."""
         return self.get(name, version).config
 
+    async def repository_models(self) -> list[str]:
+        """The model folders in the repository now (read on the repository-io thread)."""
+        try:
+            dirs = await self._io(repository.model_dirs, self.settings.model_repository)
+        except OSError as exc:
+            log.error("cannot list the model repository: %s", exc)
+            return []
+        return list(dirs)
+
     # -- control modes --------------------------------------------------------------------
 
-    async def start(self) -> None:
-        """Load what the control mode says to load at start."""
+    async def start(self) -> Failures:
+        """Load what the control mode says to load at start; returns the models whose loads
+        failed, with the reasons (`--exit-on-error` exits on any)."""
         mode = self.settings.model_control_mode
-        dirs = repository.model_dirs(self.settings.model_repository)
+        dirs = await self._io(repository.model_dirs, self.settings.model_repository)
+        failures: Failures = {}
         if mode == "explicit":
             wanted = self.settings.load_models
             names = list(dirs) if "*" in wanted else [n for n in wanted if n in dirs]
-            for missing in set(wanted) - set(dirs) - {"*"}:
-                self._set_failed(missing, 0, f"model '{missing}' is not in the repository")
+            for missing in sorted(set(wanted) - set(dirs) - {"*"}):
+                reason = f"model '{missing}' is not in the repository"
+                self._set_failed(missing, 0, reason)
+                failures[missing] = [reason]
         else:
             names = list(dirs)
-        await self._reconcile_all(names)
+        failures.update(await self._reconcile_all(names))
         if mode == "poll":
             self._poller = asyncio.get_running_loop().create_task(self._poll())
+        return failures
 
     async def _poll(self) -> None:
         while True:
@@ -193,24 +253,23 @@ class ModelManager:
 
     async def poll_once(self) -> None:
         """Bring the served models in line with the repository on disk."""
-        dirs = repository.model_dirs(self.settings.model_repository)
-        gone = [name for name in self._models if name not in dirs]
+        dirs = await self._io(repository.model_dirs, self.settings.model_repository)
+        gone = [
+            name for name, table in self._models.items()
+            if name not in dirs and any(not v.retired for v in table.values())
+        ]
         await asyncio.gather(*(self.unload(name) for name in gone))
         await self._reconcile_all(list(dirs))
 
-    async def _reconcile_all(self, names: list[str]) -> None:
+    async def _reconcile_all(self, names: list[str]) -> Failures:
         """Models first, then the ensembles that call them."""
-        ensembles = [n for n in names if self._ensemble_config(n) is not None]
-        await asyncio.gather(*(self.reconcile(n) for n in names if n not in ensembles))
-        await asyncio.gather(*(self.reconcile(n) for n in ensembles))
-
-    def _ensemble_config(self, name: str) -> Any | None:
-        """The parsed config of `name` when it is an ensemble, else None."""
-        try:
-            config = self._read_config(name, self._source(name))
-        except (ConfigError, OSError):
-            return None
-        return config if config.platform == "ensemble" else None
+        sources = [self._source(n) for n in names]
+        ensembles = await self._io(_ensembles, names, sources)
+        failures: Failures = {}
+        for group in ([n for n in names if n not in ensembles], ensembles):
+            results = await asyncio.gather(*(self.reconcile(n) for n in group))
+            failures.update((n, f) for n, f in zip(group, results, strict=True) if f)
+        return failures
 
     async def load(
         self,
@@ -226,30 +285,52 @@ class ModelManager:
                 f"loading model '{name}' needs --model-control-mode explicit (now "
                 f"'{self.settings.model_control_mode}')"
             )
-        if files:
-            if config_json is None:
-                raise invalid(
-                    f"model '{name}': file: parameters need the 'config' parameter as well"
-                )
-            directory = self._write_files(name, files)
-            self._overrides[name] = ModelSource(directory, config_json=config_json)
-        elif config_json is not None:
-            directory = self.settings.model_repository / name
-            self._overrides[name] = ModelSource(directory, config_json=config_json)
-        else:
-            self._overrides.pop(name, None)
-        source = self._source(name)
-        if not source.directory.is_dir():
-            raise not_found(f"model '{name}' is not in the repository")
-        ensemble = self._ensemble_config(name)
-        if ensemble is not None:  # load the models it calls first, as Triton does
-            for step in step_models(ensemble):
-                if step != name and not self.is_ready(step):
-                    check_name(step)
-                    await self.reconcile(step, retry=True)
-        failures = await self.reconcile(name, retry=True)
+        if files and config_json is None:
+            raise invalid(f"model '{name}': file: parameters need the 'config' parameter as well")
+        source = await self._new_source(name, config_json, files)
+        try:
+            if not await self._io(source.directory.is_dir):
+                raise not_found(f"model '{name}' is not in the repository")
+            ensemble = await self._io(_ensemble_config, name, source)
+            if ensemble is not None:  # load the models it calls first, as Triton does
+                for step in step_models(ensemble):
+                    if step != name and not self.is_ready(step):
+                        check_name(step)
+                        await self.reconcile(step, retry=True)
+        except BaseException:
+            await self._discard(source)
+            raise
+        async with self._lock(name):
+            previous = self._overrides.get(name)
+            self._set_source(name, source)
+            try:
+                failures = await self._reconcile(name, retry=True)
+            finally:
+                if previous is not None and previous is not source:
+                    await self._discard(previous)
         if failures:
             raise invalid(f"failed to load model '{name}': {'; '.join(failures)}")
+
+    async def _new_source(
+        self, name: str, config_json: str | None, files: dict[str, bytes] | None
+    ) -> ModelSource:
+        if files:
+            assert config_json is not None
+            _check_file_keys(files)
+            directory = await self._io(_write_files, name, files)
+            return ModelSource(directory, config_json=config_json, scratch=True)
+        return ModelSource(self.settings.model_repository / name, config_json=config_json)
+
+    def _set_source(self, name: str, source: ModelSource) -> None:
+        if source.scratch or source.config_json is not None:
+            self._overrides[name] = source
+        else:
+            self._overrides.pop(name, None)
+
+    async def _discard(self, source: ModelSource) -> None:
+        """Remove a request's scratch folder (its versions hold what they loaded)."""
+        if source.scratch:
+            await self._io(shutil.rmtree, source.directory, True)
 
     async def unload_request(self, name: str) -> None:
         """RepositoryModelUnload."""
@@ -261,32 +342,18 @@ class ModelManager:
             )
         if name not in self._models:
             raise not_found(f"model '{name}' is not loaded")
-        self._overrides.pop(name, None)
-        await self.unload(name)
-
-    def _write_files(self, name: str, files: dict[str, bytes]) -> Path:
-        directory = Path(tempfile.mkdtemp(prefix=f"tachyon-{name}-"))
-        self._scratch.append(directory)
-        for key, content in files.items():
-            relative = Path(key)
-            parts = relative.parts
-            if (
-                relative.is_absolute()
-                or len(parts) < 2
-                or not parts[0].isdigit()
-                or any(p in ("..", ".", "") or "\\" in p for p in parts)
-            ):
-                raise invalid(
-                    f"parameter 'file:{key}' is not allowed: expected file:<version>/<name> "
-                    "inside the model folder"
-                )
-            target = directory / relative
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(content)
-        return directory
+        async with self._lock(name):
+            override = self._overrides.pop(name, None)
+            await self._unload(name)
+        if override is not None:
+            await self._discard(override)
 
     def _source(self, name: str) -> ModelSource:
         return self._overrides.get(name) or ModelSource(self.settings.model_repository / name)
+
+    async def _io(self, function: Callable[..., T], *args: Any) -> T:
+        """Run file work on the repository-io thread, off the event loop."""
+        return await asyncio.get_running_loop().run_in_executor(self._files, function, *args)
 
     # -- reconcile: the one place that loads, swaps and unloads ---------------------------
 
@@ -308,45 +375,27 @@ class ModelManager:
         source = self._source(name)
         table = self._models.setdefault(name, {})
         try:
-            config = self._read_config(name, source)
-            on_disk = repository.version_dirs(source.directory)
-            if not on_disk:
-                raise ConfigError(f"model '{name}': no version folders (1/, 2/, ...) found")
-            selected = repository.select_versions(config, list(on_disk))
+            scan = await self._io(_scan, name, source)
         except (ConfigError, OSError) as exc:
             self._model_error(name, str(exc))
             return [str(exc)]
         if 0 in table and not table[0].ready:
             del table[0]  # the model-level error is fixed
-        config_text = str(config)
         loads = []
-        for version in selected:
-            fingerprint = _fingerprint(config_text, on_disk[version])
+        for version, path in scan.folders.items():
+            fingerprint = scan.fingerprints[version]
             current = table.get(version)
-            if current is not None and (
+            if current is not None and not current.retired and (
                 (current.ready and current.fingerprint == fingerprint)
                 or (not retry and fingerprint in (current.fingerprint, current.failed_fingerprint))
             ):
                 continue  # unchanged, or failed before as it is now
-            loads.append(self._load_version(name, version, config, on_disk[version], fingerprint))
+            loads.append(self._load_version(name, version, scan.config, path, fingerprint))
         failures = [f for f in await asyncio.gather(*loads) if f]
-        for version in [v for v in table if v and v not in selected]:
-            await self._retire(table[version], "unloaded: not selected by version_policy")
+        for entry in [e for v, e in table.items() if v and v not in scan.folders]:
+            if not entry.retired:
+                await self._retire(entry, "unloaded: not selected by version_policy")
         return failures
-
-    def _read_config(self, name: str, source: ModelSource) -> Any:
-        if source.config_json is not None:
-            config = model_config.parse_config_json(source.config_json, name)
-        else:
-            config = model_config.read_config(source.directory)
-            if config is None:
-                config = model_config.parse_config("", name)
-        if config.name != name:
-            raise ConfigError(
-                f"model '{name}': config name '{config.name}' does not match the folder "
-                f"name '{name}'"
-            )
-        return config
 
     def _model_error(self, name: str, reason: str) -> None:
         """A model-level error (config, folders): served versions keep serving."""
@@ -371,12 +420,13 @@ class ModelManager:
         loop = asyncio.get_running_loop()
         ensemble: EnsembleScheduler | None = None
         backends: list[Backend] = []
+        labels: dict[str, tuple[str, ...]] = {}
         try:
             if base_config.platform == "ensemble":
-                ensemble = self._load_ensemble(base_config)
+                ensemble = await self._load_ensemble(base_config)
                 config, spec = base_config, ensemble.spec
             else:
-                config, spec, backends = await loop.run_in_executor(
+                config, spec, backends, labels = await loop.run_in_executor(
                     self._loader, self._load_files, base_config, path
                 )
         except Exception as exc:
@@ -392,14 +442,18 @@ class ModelManager:
             log.error("model '%s' version %d is unavailable: %s", name, version, reason)
             return f"version {version}: {reason}"
         entry = ModelVersion(
-            name, version, ModelState.READY, "", config, spec, backends, fingerprint=fingerprint
+            name, version, ModelState.READY, "", config, spec, backends, fingerprint=fingerprint,
+            labels=labels,
         )
         if self.metrics is not None:
             entry.stats.metrics = self.metrics.version(name, version)
         if ensemble is not None:
             entry.batcher = ensemble
         else:
-            batcher = DynamicBatcher(spec, backends, entry.stats)
+            batcher = DynamicBatcher(
+                spec, backends, entry.stats,
+                default_max_queue_size=self.settings.default_max_queue_size,
+            )
             batcher.start()
             entry.batcher = batcher
         table[version] = entry  # the switch: new requests go to the new load from here on
@@ -409,13 +463,22 @@ class ModelManager:
             await self._unload_entry(old)
         return None
 
-    def _load_ensemble(self, config: Any) -> EnsembleScheduler:
-        """Event loop: an ensemble checks its steps against the models serving now."""
+    async def _load_ensemble(self, config: Any) -> EnsembleScheduler:
+        """An ensemble checks its steps against the models serving now (event loop), after
+        its cycle check, which reads the other ensembles' configs (repository-io thread)."""
         spec = model_config.to_spec(config, "ensemble")
         if not config.HasField("version_policy"):
             config.version_policy.latest.num_versions = 1
         own = config.name
-        check_cycles(own, lambda n: config if n == own else self._ensemble_config(n))
+        overrides = dict(self._overrides)  # a snapshot: the check reads it on another thread
+        root = self.settings.model_repository
+
+        def configs(model: str) -> Any | None:
+            if model == own:
+                return config
+            return _ensemble_config(model, overrides.get(model) or ModelSource(root / model))
+
+        await self._io(check_cycles, own, configs)
 
         def step_spec(model: str, version: str) -> ModelSpec:
             entry = self.get(model, version)
@@ -429,8 +492,11 @@ class ModelManager:
 
         return EnsembleScheduler(spec, steps_of(config), step_spec, step_scheduler)
 
-    def _load_files(self, base_config: Any, path: Path) -> tuple[Any, ModelSpec, list[Backend]]:
-        """Loader thread: complete and validate the config, load and warm the instances."""
+    def _load_files(
+        self, base_config: Any, path: Path
+    ) -> tuple[Any, ModelSpec, list[Backend], dict[str, tuple[str, ...]]]:
+        """Loader thread: complete and validate the config, read the labels, load and warm
+        the instances."""
         config = type(base_config)()
         config.CopyFrom(base_config)
         backend_name = model_config.backend_of(config, path)
@@ -444,6 +510,7 @@ class ModelManager:
             backend_class.complete_config(config, path, self.settings.default_max_batch_size)
         spec = model_config.to_spec(config, backend_name)
         model_config.fill_defaults(config, backend_name)
+        labels = model_config.read_labels(config, path)
         model_file = path / spec.model_filename
         if spec.model_filename and not model_file.exists():
             raise ConfigError(f"model '{config.name}': model file {model_file} does not exist")
@@ -456,14 +523,18 @@ class ModelManager:
             for backend in backends:
                 backend.unload()
             raise
-        return config, spec, backends
+        return config, spec, backends, labels
 
     async def _retire(self, entry: ModelVersion, reason: str) -> None:
-        """Unload a version and keep it in the index as UNAVAILABLE with the reason."""
+        """Unload a version and keep it in the index as UNAVAILABLE with the reason; it is
+        no longer meant to be served, and its metric series go."""
+        entry.retired = True  # before it turns UNLOADING: readiness never sees it unready
         await self._unload_entry(entry)
         table = self._models.get(entry.name, {})
         if table.get(entry.version) is entry:
             entry.state, entry.reason = ModelState.UNAVAILABLE, reason
+        if self.metrics is not None:
+            self.metrics.remove_version(entry.name, entry.version)
 
     async def _unload_entry(self, entry: ModelVersion) -> None:
         """Answer the version's admitted requests, then release it."""
@@ -479,10 +550,13 @@ class ModelManager:
 
     async def unload(self, name: str) -> None:
         async with self._lock(name):
-            for entry in list(self._models.get(name, {}).values()):
-                if entry.version == 0:
-                    self._models[name].pop(0, None)
-                    continue
+            await self._unload(name)
+
+    async def _unload(self, name: str) -> None:
+        table = self._models.get(name, {})
+        table.pop(0, None)
+        for entry in list(table.values()):
+            if not entry.retired:
                 await self._retire(entry, "unloaded")
 
     async def shutdown(self) -> None:
@@ -493,8 +567,11 @@ class ModelManager:
             if entry.backends or entry.batcher is not None:
                 await self._unload_entry(entry)
         self._loader.shutdown(wait=False)
-        for directory in self._scratch:
-            shutil.rmtree(directory, ignore_errors=True)
+        for source in self._overrides.values():
+            if source.scratch:
+                shutil.rmtree(source.directory, ignore_errors=True)
+        self._overrides.clear()
+        self._files.shutdown(wait=False)
 
 
 def _unload_all(backends: list[Backend]) -> None:
@@ -503,12 +580,76 @@ def _unload_all(backends: list[Backend]) -> None:
     _trim_heap()
 
 
-def _fingerprint(config_text: str, version_dir: Path) -> str:
-    """Changes when the config or any file of the version folder changes."""
-    digest = hashlib.sha1(config_text.encode(), usedforsecurity=False)
-    for path in sorted(version_dir.rglob("*")):
-        if path.is_file():
-            stat = path.stat()
-            key = f"{path.relative_to(version_dir)}:{stat.st_size}:{stat.st_mtime_ns}"
-            digest.update(key.encode())
-    return digest.hexdigest()
+# -- file work, on the repository-io thread -------------------------------------------------
+
+
+def _read_config(name: str, source: ModelSource) -> Any:
+    """A model's config: the source's override, its config.pbtxt, or an empty one."""
+    if source.config_json is not None:
+        config = model_config.parse_config_json(source.config_json, name)
+    else:
+        config = model_config.read_config(source.directory)
+        if config is None:
+            config = model_config.parse_config("", name)
+    if config.name != name:
+        raise ConfigError(
+            f"model '{name}': config name '{config.name}' does not match the folder "
+            f"name '{name}'"
+        )
+    return config
+
+
+def _scan(name: str, source: ModelSource) -> _Scan:
+    config = _read_config(name, source)
+    on_disk = repository.version_dirs(source.directory)
+    if not on_disk:
+        raise ConfigError(f"model '{name}': no version folders (1/, 2/, ...) found")
+    selected = repository.select_versions(config, list(on_disk))
+    text = str(config)
+    folders = {v: on_disk[v] for v in selected}
+    return _Scan(
+        config, folders, {v: repository.fingerprint(text, p) for v, p in folders.items()}
+    )
+
+
+def _ensemble_config(name: str, source: ModelSource) -> Any | None:
+    """The parsed config of `name` when it is an ensemble, else None."""
+    try:
+        config = _read_config(name, source)
+    except (ConfigError, OSError):
+        return None
+    return config if config.platform == "ensemble" else None
+
+
+def _ensembles(names: list[str], sources: list[ModelSource]) -> list[str]:
+    return [n for n, s in zip(names, sources, strict=True) if _ensemble_config(n, s) is not None]
+
+
+def _check_file_keys(files: dict[str, bytes]) -> None:
+    for key in files:
+        relative = Path(key)
+        parts = relative.parts
+        if (
+            relative.is_absolute()
+            or len(parts) < 2
+            or not parts[0].isdigit()
+            or any(p in ("..", ".", "") or "\\" in p for p in parts)
+        ):
+            raise invalid(
+                f"parameter 'file:{key}' is not allowed: expected file:<version>/<name> "
+                "inside the model folder"
+            )
+
+
+def _write_files(name: str, files: dict[str, bytes]) -> Path:
+    """A scratch folder holding a load request's files (keys checked by _check_file_keys)."""
+    directory = Path(tempfile.mkdtemp(prefix=f"tachyon-{name}-"))
+    try:
+        for key, content in files.items():
+            target = directory / key
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(content)
+    except BaseException:
+        shutil.rmtree(directory, ignore_errors=True)
+        raise
+    return directory

@@ -84,6 +84,19 @@ class Metrics:
     def version(self, model: str, version: int) -> VersionMetrics:
         return VersionMetrics(self, model, str(version))
 
+    def remove_version(self, model: str, version: int) -> None:
+        """Drop the series of a version that is no longer served (unloaded, retired), so
+        that loading and unloading models does not grow the registry or the scrape."""
+        labels = (model, str(version))
+        for family in (
+            self.success, self.inference_count, self.execution_count, self.request_duration,
+            self.queue_duration, self.compute_input_duration, self.compute_infer_duration,
+            self.compute_output_duration, self.batch_size,
+        ):
+            family.remove(*labels)  # a label set that has no series is skipped
+        for reason in FAILURE_REASONS:
+            self.failure.remove(*labels, reason)
+
     def add_state_collector(self, collector: Collector) -> None:
         self.registry.register(collector)
 
@@ -131,6 +144,8 @@ class StateCollector(Collector):
             labels=(*LABELS, "state"),
         )
         for entry in self._entries():
+            if entry.retired:  # unloaded on purpose: its series went with it
+                continue
             labels = [entry.name, str(entry.version)]
             batcher = entry.batcher
             pending.add_metric(labels, batcher.pending if batcher is not None else 0)

@@ -2,10 +2,13 @@
 
     <repository>/<model>/config.pbtxt          (optional for ONNX models)
     <repository>/<model>/<version>/model.onnx  (numeric, positive version folders)
+
+Everything here reads the disk: the manager calls it off the event loop.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from pathlib import Path
 from typing import Any
@@ -60,3 +63,15 @@ def select_versions(config: Any, available: list[int]) -> list[int]:
         return [v for v in available if v in wanted]
     count = int(policy.latest.num_versions) if choice == "latest" else 1
     return available[-max(count, 1) :]
+
+
+def fingerprint(config_text: str, version_dir: Path) -> str:
+    """Changes when the config or any file of the version folder changes (sizes and
+    modification times: no file is read)."""
+    digest = hashlib.sha1(config_text.encode(), usedforsecurity=False)
+    for path in sorted(version_dir.rglob("*")):
+        if path.is_file():
+            stat = path.stat()
+            key = f"{path.relative_to(version_dir)}:{stat.st_size}:{stat.st_mtime_ns}"
+            digest.update(key.encode())
+    return digest.hexdigest()

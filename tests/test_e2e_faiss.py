@@ -94,7 +94,8 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(start_server: ServerFactory, repo: Path) -> RunningServer:
-    return start_server(repo, "--model-control-mode", "poll", "--repository-poll-secs", "0.2")
+    return start_server(repo, "--model-control-mode", "poll", "--repository-poll-secs", "0.2",
+                        "--exit-on-error", "false")
 
 
 def grpc_infer(

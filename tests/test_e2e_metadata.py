@@ -160,7 +160,7 @@ def broken(start_server: ServerFactory, tmp_path_factory: pytest.TempPathFactory
     (repo / "bad_config" / "config.pbtxt").write_text("max_batch_size: [[[ not protobuf")
     (repo / "bad_file" / "1").mkdir(parents=True)
     (repo / "bad_file" / "1" / "model.onnx").write_bytes(b"this is not an onnx model")
-    return start_server(repo)
+    return start_server(repo, "--exit-on-error", "false")
 
 
 def test_broken_models_are_unavailable_and_others_serve(broken: RunningServer) -> None:
@@ -197,7 +197,7 @@ def test_strict_model_config_refuses_incomplete_configs(
 ) -> None:
     shutil.copytree(BUNDLED / "add_sub", tmp_path / "add_sub")
     shutil.copytree(BUNDLED / "identity_fp32", tmp_path / "identity_fp32")
-    server = start_server(tmp_path, "--strict-model-config")
+    server = start_server(tmp_path, "--strict-model-config", "--exit-on-error", "false")
     with urllib.request.urlopen(
         urllib.request.Request(f"http://{server.http_url}/v2/repository/index", method="POST")
     ) as response:

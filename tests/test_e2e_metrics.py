@@ -186,3 +186,31 @@ def test_metrics_can_be_turned_off(start_server: ServerFactory, tmp_path: Path) 
     server = start_server(tmp_path, "--allow-metrics", "false")
     with pytest.raises(OSError):
         scrape(server)
+
+
+def test_an_unloaded_version_leaves_no_series(start_server: ServerFactory, tmp_path: Path) -> None:
+    """Loading and unloading models must not grow /metrics: an unloaded version's series go
+    (counters, histograms, state and pending gauges)."""
+    for name in ("identity_fp32", "digits"):
+        shutil.copytree(BUNDLED / name, tmp_path / name)
+    server = start_server(tmp_path, "--model-control-mode", "explicit", "--load-model", "*")
+    client = grpcclient.InferenceServerClient(server.grpc_url)
+    tensor = grpcclient.InferInput("INPUT0", [1, 16], "FP32")
+    tensor.set_data_from_numpy(np.zeros((1, 16), dtype=np.float32))
+    client.infer("identity_fp32", [tensor])
+    bad = grpcclient.InferInput("INPUT0", [1, 15], "FP32")
+    bad.set_data_from_numpy(np.zeros((1, 15), dtype=np.float32))
+    with pytest.raises(InferenceServerException):
+        client.infer("identity_fp32", [bad])
+    series = 'model="identity_fp32"'
+    text = scrape(server)
+    assert 'tachyon_inference_request_success_total{model="identity_fp32",version="1"} 1.0' in text
+    assert 'failure_total{model="identity_fp32",reason="other",version="1"} 1.0' in text
+    client.unload_model("identity_fp32")
+    text = scrape(server)
+    assert series not in text, [line for line in text.splitlines() if series in line][:5]
+    assert 'model="digits"' in text  # the others keep theirs
+    client.load_model("identity_fp32")  # back, from zero
+    client.infer("identity_fp32", [tensor])
+    assert 'tachyon_inference_request_success_total{model="identity_fp32",version="1"} 1.0' in (
+        scrape(server))

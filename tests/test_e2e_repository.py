@@ -9,6 +9,7 @@ import base64
 import json
 import os
 import shutil
+import tempfile
 import threading
 import urllib.error
 import urllib.request
@@ -258,6 +259,70 @@ def test_explicit_mode_loads_and_unloads_on_request(
     assert infer_version(g, "adder") == "1"
 
 
+def test_repository_index_lists_never_loaded_models_by_name_as_triton_does(
+    explicit: tuple[RunningServer, Path],
+) -> None:
+    """Triton's index in explicit mode: a model never loaded has its name only; a loaded one
+    its versions; after an unload its versions stay, UNAVAILABLE with reason "unloaded"."""
+    server, _ = explicit
+    g = grpcclient.InferenceServerClient(server.grpc_url)
+
+    def http_index(ready: bool = False) -> list[dict[str, str]]:
+        request = urllib.request.Request(
+            f"http://{server.http_url}/v2/repository/index",
+            data=json.dumps({"ready": ready}).encode(), method="POST",
+        )
+        with urllib.request.urlopen(request, timeout=10) as response:
+            entries: list[dict[str, str]] = json.loads(response.read())
+        return entries
+
+    def grpc_index() -> list[dict[str, str]]:
+        entries: list[dict[str, str]] = g.get_model_repository_index(as_json=True)["models"]
+        return entries
+
+    for listing in (grpc_index(), http_index()):
+        assert {"name": "identity_fp32"} in listing
+        assert {"name": "adder", "version": "1", "state": "READY"} in listing
+    assert all(e["name"] != "identity_fp32" for e in http_index(ready=True))
+    g.load_model("identity_fp32")
+    assert {"name": "identity_fp32", "version": "1", "state": "READY"} in http_index()
+    g.unload_model("identity_fp32")
+    unloaded = {"name": "identity_fp32", "version": "1", "state": "UNAVAILABLE",
+                "reason": "unloaded"}
+    for listing in (grpc_index(), http_index()):
+        assert unloaded in listing
+        assert {"name": "identity_fp32"} not in listing
+    assert all(e["name"] != "identity_fp32" for e in http_index(ready=True))
+
+
+def scratch_folders(name: str) -> set[Path]:
+    return set(Path(tempfile.gettempdir()).glob(f"tachyon-{name}-*"))
+
+
+def test_file_parameters_scratch_folders_go_with_their_model(
+    explicit: tuple[RunningServer, Path],
+) -> None:
+    """A load's `file:` files live in a scratch folder until the model is loaded from other
+    files or unloaded, not until the server stops."""
+    server, _ = explicit
+    g = grpcclient.InferenceServerClient(server.grpc_url)
+    name = f"carried{os.getpid()}"
+    config = json.dumps({
+        "name": name, "platform": "onnxruntime_onnx", "max_batch_size": 4,
+        "input": [{"name": "INPUT0", "data_type": "TYPE_FP32", "dims": [16]}],
+        "output": [{"name": "OUTPUT0", "data_type": "TYPE_FP32", "dims": [16]}]})
+    g.load_model(name, config=config, files={"file:3/model.onnx": adder_bytes(3)})
+    first = scratch_folders(name)
+    assert len(first) == 1 and (next(iter(first)) / "3" / "model.onnx").is_file()
+    assert infer_version(g, name) == "3"
+    g.load_model(name, config=config, files={"file:4/model.onnx": adder_bytes(4)})
+    assert infer_version(g, name) == "4"
+    second = scratch_folders(name)
+    assert len(second) == 1 and not (first & second)  # the first one is gone
+    g.unload_model(name)
+    assert scratch_folders(name) == set()
+
+
 def test_explicit_reload_under_load_without_a_failure(
     explicit: tuple[RunningServer, Path],
 ) -> None:
@@ -361,7 +426,7 @@ def test_warmup_runs_before_ready_and_a_bad_one_fails_the_load(
     bad.mkdir()
     write_config(bad, warm.replace("dims: [16] zero_data", "dims: [15] zero_data"))
     add_version(bad, 1)
-    server = start_server(repo)
+    server = start_server(repo, "--exit-on-error", "false")
     log = server.log()
     for name in ("zeros", "random", "file"):
         assert f"warmup '{name}' done" in log

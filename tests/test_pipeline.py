@@ -67,7 +67,7 @@ def server(start_server: ServerFactory, tmp_path_factory: pytest.TempPathFactory
     for name, text in configs.items():
         (repo / name / "1").mkdir(parents=True)
         (repo / name / "config.pbtxt").write_text(text.replace('name: "chain"', f'name: "{name}"'))
-    return start_server(repo)
+    return start_server(repo, "--exit-on-error", "false")
 
 
 def test_chain_over_both_transports(server: RunningServer) -> None:

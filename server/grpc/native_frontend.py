@@ -14,8 +14,28 @@ Flow per event-loop iteration:
 - Finished answers are appended to a list, flushed with one `respond()` (and one
   `send_stream()` for stream messages) per loop iteration by a `call_soon` callback.
 
-Compressed messages, oversized messages and malformed framing are answered by the C++ side
-and never reach Python.
+The C++ side answers by itself, and never delivers: gzip / deflate messages (it inflates them,
+bounded by the message limit, and compresses the answers when the client accepts it), oversized
+messages, unknown encodings, malformed framing, non-gRPC content types (HTTP 415), unknown
+services, and calls whose grpc-timeout passed (DEADLINE_EXCEEDED; the call's task here is
+cancelled, which takes its request out of the batcher's queue).
+
+More services than the inference one are served by registering handlers before `serve()`:
+
+    server = NativeGrpcServer(dataplane)
+    server.add_unary("grpc.health.v1.Health/Check", health.Check, HealthCheckRequest.FromString)
+    server.add_stream("grpc.health.v1.Health/Watch", health.Watch,
+                      HealthCheckRequest.FromString, client_streaming=False)
+    server.serve(host, port, max_message)
+
+A method is named "<package.Service>/<Method>"; `serve()` tells the C++ side which services and
+streaming methods exist, and any other service stays UNIMPLEMENTED there. Handlers have grpc.aio
+servicer signatures, with None for the context: a unary handler is `async (request, None) ->
+response`; a stream handler is an async generator `(requests, None)` yielding responses, where
+`requests` is an async iterator of the request messages, or the one request message with
+`client_streaming=False` (server streaming). Requests are `parse(bytes)`; responses are protobuf
+messages or bytes. Raise a ServingError for a gRPC status (its code), anything else is INTERNAL.
+A stream handler may keep yielding after the client half-closed; returning ends the call OK.
 """
 
 from __future__ import annotations
@@ -23,14 +43,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
+from grpc_health.v1 import health_pb2
+from grpc_reflection.v1alpha import reflection_pb2
 
 from server import _native, proto
 from server.dataplane import DataPlane
 from server.errors import ServingError
+from server.grpc.health import HEALTH_SERVICE, REFLECTION_SERVICES, HealthService, ReflectionService
 from server.grpc.server import STATUS, UNIMPLEMENTED, GrpcService, parse_infer_request
 
 log = logging.getLogger(__name__)
@@ -42,14 +66,43 @@ OK = grpc.StatusCode.OK.value[0]
 UNIMPLEMENTED_CODE = grpc.StatusCode.UNIMPLEMENTED.value[0]
 INTERNAL = grpc.StatusCode.INTERNAL.value[0]
 CODES = {code: status.value[0] for code, status in STATUS.items()}
+MODEL_STREAM_INFER = "ModelStreamInfer"
+INFER_STREAMING = [name for name, (_, _, cs, ss) in proto.METHODS.items() if cs or ss]
 
 Response = tuple[int, bytes | None, int, str]
-UnaryHandler = Callable[[Any, Any], Coroutine[Any, Any, Any]]
+Parse = Callable[[bytes], Any]
+UnaryHandler = Callable[[Any, Any], Awaitable[Any]]
+"""`async (request, context=None) -> response` (a protobuf message or bytes)."""
+StreamHandler = Callable[[Any, Any], AsyncIterator[Any]]
+"""`(requests or request, context=None)`, an async generator of responses."""
+_InferHandler = Callable[[Any, Any], Coroutine[Any, Any, Any]]
 
 
 def available() -> bool:
     """Whether this build of `server._native` has the native front end (nghttp2 found)."""
     return bool(getattr(_native, "HAVE_GRPC_FRONTEND", False))
+
+
+@dataclass(frozen=True, slots=True)
+class _UnaryMethod:
+    handler: UnaryHandler
+    parse: Parse
+
+
+@dataclass(frozen=True, slots=True)
+class _StreamMethod:
+    handler: StreamHandler
+    parse: Parse
+    client_streaming: bool
+
+
+class _BadRequest(Exception):
+    """The request messages of a registered stream method are not what it takes."""
+
+    def __init__(self, code: int, text: str) -> None:
+        super().__init__(text)
+        self.code = code
+        self.text = text
 
 
 class _Stream:
@@ -62,40 +115,127 @@ class _Stream:
         self.half_closed = False
 
 
-class NativeGrpcServer:
-    """Runs GrpcService's RPCs for the calls a GrpcFrontend receives."""
+class _HandlerStream:
+    """Python-side state of one call of a registered stream method: its request messages
+    (None once the client half-closed) and the task running its handler."""
 
-    def __init__(
-        self, dataplane: DataPlane, frontend: _native.GrpcFrontend, loop: asyncio.AbstractEventLoop
-    ) -> None:
-        self._fe = frontend
-        self._loop = loop
+    __slots__ = ("queue", "task")
+
+    def __init__(self) -> None:
+        self.queue: asyncio.Queue[bytes | None] = asyncio.Queue()
+        self.task: asyncio.Task[None] | None = None
+
+
+def _serialized(response: Any) -> bytes:
+    if isinstance(response, bytes):
+        return response
+    data: bytes = response.SerializeToString()
+    return data
+
+
+async def _requests(queue: asyncio.Queue[bytes | None], parse: Parse) -> AsyncIterator[Any]:
+    while (message := await queue.get()) is not None:
+        try:
+            request = parse(message)
+        except Exception:  # upb's DecodeError; grpc.aio's words for it
+            raise _BadRequest(INTERNAL, "Exception deserializing request!") from None
+        yield request
+
+
+async def _single(requests: AsyncIterator[Any], method: str) -> Any:
+    """The one request message of a server-streaming call, once the client half-closed."""
+    found = [request async for request in requests]
+    if len(found) != 1:
+        # The C++ side's words (and code) for a unary call with the wrong message count.
+        many = "no request message" if not found else "more than one request message"
+        text = f"{method} takes one request message but the client sent {many}"
+        raise _BadRequest(UNIMPLEMENTED_CODE, text)
+    return found[0]
+
+
+class NativeGrpcServer:
+    """Runs GrpcService's RPCs, and the handlers registered with add_unary / add_stream, for
+    the calls a GrpcFrontend receives."""
+
+    def __init__(self, dataplane: DataPlane) -> None:
         self._service = GrpcService(dataplane)
         self._model_infer = self._service.ModelInfer
-        self._unary: dict[str, tuple[UnaryHandler, Callable[[bytes], Any]]] = {}
+        self._unary: dict[str, _UnaryMethod] = {}
         for name, (request_type, _, client_stream, server_stream) in proto.METHODS.items():
             if client_stream or server_stream:
                 continue  # ModelStreamInfer, handled by _stream_message
             method = getattr(self._service, name, None)
             if method is not None:
-                self._unary[name] = (method, request_type.FromString)
+                self._unary[name] = _UnaryMethod(method, request_type.FromString)
+        self._stream_methods: dict[str, _StreamMethod] = {}
+        self._fe: _native.GrpcFrontend | None = None
         self._calls: dict[int, asyncio.Task[None]] = {}  # unary calls running (strong refs)
         self._streams: dict[int, _Stream] = {}
+        self._handler_streams: dict[int, _HandlerStream] = {}
         self._done: list[Response] = []
         self._stream_out: list[tuple[int, bytes]] = []
         self._flush_scheduled = False
-        loop.add_reader(frontend.fileno(), self._on_ready)
+
+    # -- registration (before serve) ------------------------------------------------------
+
+    def add_unary(self, method: str, handler: UnaryHandler, parse: Parse) -> None:
+        """Serve unary `method` ("<package.Service>/<Method>") with `handler`."""
+        self._check_new(method)
+        self._unary[method] = _UnaryMethod(handler, parse)
+
+    def add_stream(
+        self, method: str, handler: StreamHandler, parse: Parse, *, client_streaming: bool = True
+    ) -> None:
+        """Serve streaming `method` with `handler`: bidirectional or client streaming by
+        default; `client_streaming=False` for a server-streaming method (one request)."""
+        self._check_new(method)
+        self._stream_methods[method] = _StreamMethod(handler, parse, client_streaming)
+
+    def _check_new(self, method: str) -> None:
+        if self._fe is not None:
+            raise RuntimeError(f"cannot add {method}: register handlers before serve()")
+        service, _, name = method.partition("/")
+        if not service or not name or "/" in name or service == proto.SERVICE_NAME:
+            raise ValueError(
+                f"method '{method}' must be '<package.Service>/<Method>' of a service other "
+                f"than {proto.SERVICE_NAME}"
+            )
+        if method in self._unary or method in self._stream_methods:
+            raise ValueError(f"method '{method}' is registered already")
+
+    def serve(self, host: str, port: int, max_message: int) -> None:
+        """Bind host:port and serve (call on the event loop's thread). OSError when the port
+        cannot be bound."""
+        if self._fe is not None:
+            raise RuntimeError("serve() may be called once")
+        registered = (m for m in (*self._unary, *self._stream_methods) if "/" in m)
+        extra = sorted({m.partition("/")[0] for m in registered})
+        frontend = _native.GrpcFrontend(
+            host, port, max_message, service=proto.SERVICE_NAME,
+            streaming_methods=[*INFER_STREAMING, *self._stream_methods],
+            extra_services=extra,
+        )
+        frontend.start()
+        self._fe = frontend
+        self._loop = asyncio.get_running_loop()
+        self._loop.add_reader(frontend.fileno(), self._on_ready)
 
     @property
     def port(self) -> int:
-        return self._fe.port
+        return self._frontend().port
 
     def active_calls(self) -> int:
-        return self._fe.active_calls()
+        return self._frontend().active_calls()
+
+    def _frontend(self) -> _native.GrpcFrontend:
+        if self._fe is None:
+            raise RuntimeError("the native gRPC server is not serving yet (call serve())")
+        return self._fe
 
     # -- event loop side ------------------------------------------------------------------
 
     def _on_ready(self) -> None:
+        assert self._fe is not None
         create_task = self._loop.create_task
         calls = self._calls
         infer = self._infer
@@ -105,22 +245,34 @@ class NativeGrpcServer:
                     calls[call_id] = create_task(infer(call_id, message))
                 else:
                     self._start_unary(call_id, method, message)
-            elif kind == STREAM_MESSAGE:
-                self._stream_message(call_id, message)
-            elif kind == HALF_CLOSED:
-                self._half_closed(call_id)
-            else:
+            elif kind == CANCELLED:
                 self._cancelled(call_id)
+            elif method == MODEL_STREAM_INFER:
+                if kind == STREAM_MESSAGE:
+                    self._stream_message(call_id, message)
+                else:
+                    self._half_closed(call_id)
+            else:
+                request = message if kind == STREAM_MESSAGE else None
+                self._handler_stream_item(call_id, method, request)
 
     def _finish(self, call_id: int, message: bytes | None, status: int, text: str) -> None:
         self._calls.pop(call_id, None)
         self._done.append((call_id, message, status, text))
+        self._schedule_flush()
+
+    def _send(self, call_id: int, message: bytes) -> None:
+        self._stream_out.append((call_id, message))
+        self._schedule_flush()
+
+    def _schedule_flush(self) -> None:
         if not self._flush_scheduled:
             self._flush_scheduled = True
             self._loop.call_soon(self._flush)
 
     def _flush(self) -> None:
         self._flush_scheduled = False
+        assert self._fe is not None
         # Stream messages first: a stream's final status is queued only after its last message.
         if self._stream_out:
             out, self._stream_out = self._stream_out, []
@@ -149,14 +301,13 @@ class NativeGrpcServer:
             text = f"{method}: {why}" if why is not None else "Method not found!"
             self._finish(call_id, None, UNIMPLEMENTED_CODE, text)
             return
-        handler, parse = entry
         try:
-            request = parse(message)
+            request = entry.parse(message)
         except Exception:  # upb's DecodeError; grpc.aio's words for it
             self._finish(call_id, None, INTERNAL, "Exception deserializing request!")
             return
         self._calls[call_id] = self._loop.create_task(
-            self._run_unary(call_id, method, handler, request)
+            self._run_unary(call_id, method, entry.handler, request)
         )
 
     async def _run_unary(
@@ -164,13 +315,14 @@ class NativeGrpcServer:
     ) -> None:
         try:
             response = await handler(request, None)
+            message = _serialized(response)
         except ServingError as exc:
             self._finish(call_id, None, CODES[exc.code], exc.message)
         except Exception as exc:
             log.exception("gRPC %s failed", method)
             self._finish(call_id, None, INTERNAL, f"internal error: {exc}")
         else:
-            self._finish(call_id, response.SerializeToString(), OK, "")
+            self._finish(call_id, message, OK, "")
 
     # -- ModelStreamInfer -----------------------------------------------------------------
 
@@ -192,10 +344,7 @@ class NativeGrpcServer:
             except Exception as exc:
                 log.exception("gRPC ModelStreamInfer failed")
                 answer = proto.ModelStreamInferResponse(error_message=f"internal error: {exc}")
-            self._stream_out.append((call_id, answer.SerializeToString()))
-            if not self._flush_scheduled:
-                self._flush_scheduled = True
-                self._loop.call_soon(self._flush)
+            self._send(call_id, answer.SerializeToString())
         finally:
             stream.tasks.discard(asyncio.current_task())
             # The last answer after the client half-closed ends the stream; a cancelled stream
@@ -212,9 +361,56 @@ class NativeGrpcServer:
             return
         stream.half_closed = True
 
+    # -- registered stream methods --------------------------------------------------------
+
+    def _handler_stream_item(self, call_id: int, method: str, message: bytes | None) -> None:
+        """One request message (None: the client half-closed) of a registered stream."""
+        stream = self._handler_streams.get(call_id)
+        if stream is None:
+            entry = self._stream_methods.get(method)
+            if entry is None:
+                self._finish(call_id, None, UNIMPLEMENTED_CODE, "Method not found!")
+                return
+            stream = self._handler_streams[call_id] = _HandlerStream()
+            stream.task = self._loop.create_task(
+                self._run_stream(call_id, method, entry, stream.queue)
+            )
+        stream.queue.put_nowait(message)
+
+    async def _run_stream(
+        self, call_id: int, method: str, entry: _StreamMethod, queue: asyncio.Queue[bytes | None]
+    ) -> None:
+        requests = _requests(queue, entry.parse)
+        responses: AsyncIterator[Any] | None = None
+        try:
+            if entry.client_streaming:
+                responses = entry.handler(requests, None)
+            else:
+                responses = entry.handler(await _single(requests, method), None)
+            async for response in responses:
+                self._send(call_id, _serialized(response))
+        except _BadRequest as exc:
+            self._finish(call_id, None, exc.code, exc.text)
+        except ServingError as exc:
+            self._finish(call_id, None, CODES[exc.code], exc.message)
+        except Exception as exc:
+            log.exception("gRPC %s failed", method)
+            self._finish(call_id, None, INTERNAL, f"internal error: {exc}")
+        else:
+            self._finish(call_id, None, OK, "")
+        finally:
+            self._handler_streams.pop(call_id, None)
+            for generator in (responses, requests):
+                close = getattr(generator, "aclose", None)
+                if close is not None:
+                    with contextlib.suppress(Exception):
+                        await close()
+
+    # -- cancellation ---------------------------------------------------------------------
+
     def _cancelled(self, call_id: int) -> None:
-        """The client reset or disconnected: stop the work done for it (cancellation reaches
-        the batcher's queue through the awaiting task)."""
+        """The client reset or disconnected, or the call's deadline passed: stop the work done
+        for it (cancellation reaches the batcher's queue through the awaiting task)."""
         task = self._calls.pop(call_id, None)
         if task is not None:
             task.cancel()
@@ -222,18 +418,28 @@ class NativeGrpcServer:
         if stream is not None:
             for task in list(stream.tasks):
                 task.cancel()
+        handler_stream = self._handler_streams.pop(call_id, None)
+        if handler_stream is not None and handler_stream.task is not None:
+            handler_stream.task.cancel()
 
     # -- lifecycle ------------------------------------------------------------------------
 
+    def _running(self) -> list[asyncio.Task[None]]:
+        streams = (t for s in self._streams.values() for t in s.tasks)
+        handlers = (s.task for s in self._handler_streams.values() if s.task is not None)
+        return [*self._calls.values(), *streams, *handlers]
+
     async def stop(self, grace: float) -> None:
-        """Refuse new calls (GOAWAY), let running ones finish for up to `grace` seconds and
-        flush their answers, then close every connection."""
+        """Refuse new calls (GOAWAY, in two steps), let running ones finish for up to `grace`
+        seconds and flush their answers, then close every connection."""
+        if self._fe is None:
+            return
         deadline = self._loop.time() + grace
         self._fe.shutdown()
-        running = [*self._calls.values(), *(t for s in self._streams.values() for t in s.tasks)]
-        if running:
-            await asyncio.wait(running, timeout=grace)
-        for task in running:
+        # Calls keep arriving until the final GOAWAY (one round trip): wait for those too.
+        while (running := self._running()) and (left := deadline - self._loop.time()) > 0:
+            await asyncio.wait(running, timeout=left)
+        for task in self._running():
             task.cancel()
         self._flush()
         remaining = max(0.0, deadline - self._loop.time())
@@ -257,20 +463,38 @@ def respond_all(frontend: _native.GrpcFrontend, done: list[Response]) -> None:
                 frontend.respond([(item[0], None, INTERNAL, f"internal error: {exc}")])
 
 
-async def start(dataplane: DataPlane, host: str, port: int, max_message: int) -> NativeGrpcServer:
-    """Serves GrpcService on host:port through the native front end. Raises RuntimeError when
-    this build lacks it (no nghttp2 at build time), OSError when the port cannot be bound."""
+def add_health_and_reflection(server: NativeGrpcServer, health: HealthService) -> None:
+    """grpc.health.v1.Health (Check, Watch) over `health`, and server reflection (v1alpha and
+    v1, the same messages): the grpc.aio front end's handlers, registered on `server`."""
+    parse_check = health_pb2.HealthCheckRequest.FromString
+    server.add_unary(f"{HEALTH_SERVICE}/Check", health.Check, parse_check)
+    server.add_stream(f"{HEALTH_SERVICE}/Watch", health.Watch, parse_check, client_streaming=False)
+    reflection = ReflectionService()
+    parse_reflection = reflection_pb2.ServerReflectionRequest.FromString
+    for service in REFLECTION_SERVICES:
+        server.add_stream(
+            f"{service}/ServerReflectionInfo", reflection.ServerReflectionInfo, parse_reflection
+        )
+
+
+async def start(
+    dataplane: DataPlane,
+    host: str,
+    port: int,
+    max_message: int,
+    health: HealthService | None = None,
+) -> NativeGrpcServer:
+    """Serves GrpcService on host:port through the native front end, with the health service
+    and reflection when `health` is given. Raises RuntimeError when this build lacks the front
+    end (no nghttp2 at build time), OSError when the port cannot be bound."""
     if not available():
         raise RuntimeError(
             "this build of server._native has no native gRPC front end (nghttp2 was not found "
             "at build time: apt-get install libnghttp2-dev, then reinstall); use grpcio"
         )
-    loop = asyncio.get_running_loop()
-    streaming = [name for name, (_, _, cs, ss) in proto.METHODS.items() if cs or ss]
-    frontend = _native.GrpcFrontend(
-        host, port, max_message, service=proto.SERVICE_NAME, streaming_methods=streaming
-    )
-    frontend.start()
-    server = NativeGrpcServer(dataplane, frontend, loop)
-    log.info("gRPC (native front end) listening on %s:%d", host, frontend.port)
+    server = NativeGrpcServer(dataplane)
+    if health is not None:
+        add_health_and_reflection(server, health)
+    server.serve(host, port, max_message)
+    log.info("gRPC (native front end) listening on %s:%d", host, server.port)
     return server

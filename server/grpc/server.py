@@ -216,7 +216,7 @@ class GrpcService:
 
     async def RepositoryIndex(self, request: Any, context: Any) -> Any:
         message = proto.RepositoryIndexResponse()
-        for entry in self.dataplane.repository_index(request.ready):
+        for entry in await self.dataplane.repository_index(request.ready):
             message.models.add(
                 name=entry.name, version=entry.version, state=entry.state, reason=entry.reason
             )

@@ -375,11 +375,10 @@ class HttpApp:
                 raise invalid(f"request body is not valid JSON: {exc}") from None
             ready_only = bool(isinstance(payload, dict) and payload.get("ready", False))
         entries = []
-        for e in self.dataplane.repository_index(ready_only):
-            entry = {"name": e.name, "version": e.version, "state": e.state}
-            if e.reason:
-                entry["reason"] = e.reason
-            entries.append(entry)
+        for e in await self.dataplane.repository_index(ready_only):
+            fields = (("name", e.name), ("version", e.version), ("state", e.state),
+                      ("reason", e.reason))
+            entries.append({k: v for k, v in fields if v})  # never loaded: the name only
         return _json(entries)
 
     async def load(self, request: Request) -> Response:

@@ -9,8 +9,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
+
+import numpy as np
 
 from server import __version__, logs
 from server.backends.base import Options
@@ -19,12 +22,14 @@ from server.errors import Code, ServingError, invalid
 from server.manager import ModelManager, ModelVersion
 from server.model_config import ModelSpec
 from server.statistics import ModelStats
-from server.types import InferInput, InferRequest, InferResponse, OutputTensor
+from server.tensors import span
+from server.types import Array, DataType, InferInput, InferRequest, InferResponse, OutputTensor
 
 log = logging.getLogger(__name__)
 
 EXTENSIONS = (
     "binary_tensor_data",
+    "classification",
     "model_configuration",
     "model_repository",
     "parameters",
@@ -123,8 +128,8 @@ class DataPlane:
         spec = _spec(entry)
         start = time.monotonic_ns()
         try:
-            rows = _validate_inputs(spec, request.inputs)
-            names = _requested_outputs(spec, request)
+            rows = _validate_inputs(spec, request.inputs, self.settings.max_request_bytes)
+            names, classes = _requested_outputs(spec, request)
             batcher = entry.batcher
             assert batcher is not None
             params = request.parameters
@@ -132,6 +137,8 @@ class DataPlane:
                 params.get("priority"), params.get("timeout")
             )
             inputs = {i.name: i.data for i in request.inputs}
+            if len(inputs) > 1:  # the model's order: requests batch whatever order they used
+                inputs = {t.name: inputs[t.name] for t in spec.inputs if t.name in inputs}
             options: Options = ()
             if entry.backends:
                 try:
@@ -153,7 +160,9 @@ class DataPlane:
             model_version=str(entry.version),
             id=request.id,
             outputs=[
-                OutputTensor(n, _output_type(spec, n), outputs[n].shape, outputs[n]) for n in names
+                await _classified(entry, spec, n, outputs[n], classes[n]) if n in classes
+                else OutputTensor(n, _output_type(spec, n), outputs[n].shape, outputs[n])
+                for n in names
             ],
         )
 
@@ -225,7 +234,60 @@ def _output_type(spec: ModelSpec, name: str) -> Any:
     return tensor.datatype
 
 
-def _validate_inputs(spec: ModelSpec, inputs: list[InferInput]) -> int:
+# classifications of more strings than this are formatted on a worker thread (about 5 ms)
+_CLASSIFY_ON_LOOP = 4096
+
+
+async def _classified(
+    entry: ModelVersion, spec: ModelSpec, name: str, array: Array, class_count: int
+) -> OutputTensor:
+    batched = spec.max_batch_size > 0
+    labels = entry.labels.get(name, ())
+    rows = array.shape[0] if batched and array.ndim else 1
+    if rows * min(class_count, array.size // max(rows, 1)) <= _CLASSIFY_ON_LOOP:
+        data = classify(array, class_count, batched, labels)
+    else:
+        data = await asyncio.to_thread(classify, array, class_count, batched, labels)
+    return OutputTensor(name, DataType.BYTES, data.shape, data)
+
+
+# -- classification (Triton's extension) ----------------------------------------------------
+
+CLASSIFIABLE = frozenset({
+    DataType.UINT8, DataType.UINT16, DataType.UINT32, DataType.UINT64, DataType.INT8,
+    DataType.INT16, DataType.INT32, DataType.INT64, DataType.FP32, DataType.FP64,
+})
+
+
+def classify(values: Array, count: int, batched: bool, labels: Sequence[str] = ()) -> Array:
+    """The top `count` classes of an output, as Triton's classification extension returns
+    them: BYTES "value:index" or "value:index:label" (label i is line i of the output's
+    label_filename), highest value first (ties: the lower index first). A batched output
+    keeps its batch dimension and its other dimensions (flattened) are the classes: shape
+    [rows, count]; otherwise [count]. `count` above the number of classes means all of them.
+    Values print as Triton prints them (C++ std::to_string): integers as they are, floats
+    with six decimals ("0.984375:2")."""
+    rows = values.reshape(values.shape[0] if batched else 1, -1)
+    classes = rows.shape[1]
+    top = min(count, classes)
+    # descending, ties by lower index: a stable ascending sort of the reversed rows, reversed
+    order = classes - 1 - np.argsort(rows[:, ::-1], axis=1, kind="stable")[:, ::-1][:, :top]
+    floating = values.dtype.kind == "f"
+    result = np.empty((rows.shape[0], top), dtype=object)
+    for r in range(rows.shape[0]):
+        for k, index in enumerate(order[r].tolist()):
+            value = rows[r, index]
+            text = f"{float(value):f}:{index}" if floating else f"{int(value)}:{index}"
+            if index < len(labels) and labels[index]:
+                text = f"{text}:{labels[index]}"
+            result[r, k] = text.encode()
+    return result if batched else result.reshape(top)
+
+
+# -- request validation ---------------------------------------------------------------------
+
+
+def _validate_inputs(spec: ModelSpec, inputs: list[InferInput], max_bytes: int) -> int:
     """Check names, datatypes and shapes against the model; returns the batch rows."""
     seen = set()
     rows = 1
@@ -244,7 +306,9 @@ def _validate_inputs(spec: ModelSpec, inputs: list[InferInput]) -> int:
                 f"model '{spec.name}': input '{tensor.name}' has datatype "
                 f"{tensor.datatype.value}, expected {model_input.datatype.value}"
             )
-        rows = _check_shape(spec, model_input.dims, tensor, rows if len(seen) > 1 else None)
+        rows = _check_shape(
+            spec, model_input.dims, tensor, rows if len(seen) > 1 else None, max_bytes
+        )
     if len(seen) == len(spec.inputs):  # every input given: nothing can be missing
         return rows
     missing = sorted(t.name for t in spec.inputs if t.name not in seen and not t.optional)
@@ -257,7 +321,7 @@ def _validate_inputs(spec: ModelSpec, inputs: list[InferInput]) -> int:
 
 
 def _check_shape(
-    spec: ModelSpec, dims: tuple[int, ...], tensor: InferInput, batch: int | None
+    spec: ModelSpec, dims: tuple[int, ...], tensor: InferInput, batch: int | None, max_bytes: int
 ) -> int:
     shape = tensor.shape
     expected = (spec.max_batch_size and (-1, *dims)) or dims
@@ -270,6 +334,13 @@ def _check_shape(
     for got, want in zip(shape, expected, strict=True):
         if want != -1 and got != want:
             raise invalid(f"{where} has shape {list(shape)}, expected {list(expected)}")
+    itemsize = max(tensor.datatype.itemsize, 1)
+    if span(shape) * itemsize > max_bytes:  # even with no element: backends index by it
+        raise invalid(
+            f"{where} has shape {list(shape)}, which spans {span(shape)} elements of {itemsize} "
+            f"bytes, more than the bound of {max_bytes} bytes a request may carry "
+            "(--max-request-bytes)"
+        )
     if not spec.max_batch_size:
         return 1
     rows = shape[0]
@@ -282,15 +353,31 @@ def _check_shape(
     return rows
 
 
-def _requested_outputs(spec: ModelSpec, request: InferRequest) -> list[str]:
+def _requested_outputs(spec: ModelSpec, request: InferRequest) -> tuple[list[str], dict[str, int]]:
+    """The outputs to compute, and the class count of those asked for as classifications."""
     if not request.outputs:
-        return [t.name for t in spec.outputs]
+        return [t.name for t in spec.outputs], {}
     names = []
+    classes = {}
     for output in request.outputs:
-        if spec.output(output.name) is None:
+        tensor = spec.output(output.name)
+        if tensor is None:
             raise invalid(
                 f"model '{spec.name}': unexpected requested output '{output.name}', expected "
                 f"one of {[t.name for t in spec.outputs]}"
             )
         names.append(output.name)
-    return names
+        if output.class_count:
+            where = f"model '{spec.name}': output '{output.name}'"
+            if output.class_count < 0:
+                raise invalid(
+                    f"{where}: parameter 'classification' is {output.class_count}, expected a "
+                    "positive number of classes"
+                )
+            if tensor.datatype not in CLASSIFIABLE:
+                raise invalid(
+                    f"{where} is {tensor.datatype.value}: class result not available for this "
+                    "type, expected a numeric output (INT8..INT64, UINT8..UINT64, FP32, FP64)"
+                )
+            classes[output.name] = output.class_count
+    return names, classes

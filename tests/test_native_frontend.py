@@ -13,7 +13,10 @@ import subprocess
 import sys
 import textwrap
 import time
+import urllib.request
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -25,8 +28,17 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
 from server import _native
-from tests.conftest import BUNDLED, ROOT, RunningServer, assert_perf_analyzer_runs, free_port
+from tests.conftest import (
+    BUNDLED,
+    ROOT,
+    RunningServer,
+    ServerFactory,
+    assert_perf_analyzer_runs,
+    free_port,
+)
+from tests.test_e2e_batching import slow_identity
 from tests.test_e2e_infer import assert_outputs, cases, datatype_of
+from tests.test_native_grpc import RawH2, grpc_frame
 
 pytestmark = pytest.mark.skipif(
     not getattr(_native, "HAVE_GRPC_FRONTEND", False), reason="built without nghttp2"
@@ -367,6 +379,191 @@ def test_clients_that_disconnect_mid_call_do_not_break_the_server(native: Runnin
         np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), x)
     log = native.log()[log_start:]
     assert "Traceback" not in log and "ERROR" not in log, log
+
+
+# -- compression --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("algorithm", ["gzip", "deflate"])
+def test_tritonclient_compression(native: RunningServer, algorithm: str) -> None:
+    client = grpcclient.InferenceServerClient(native.grpc_url)
+    x = np.repeat(np.arange(16, dtype=np.float32)[None, :], 64, axis=0)  # compressible
+    result = client.infer(
+        "identity_fp32", [fp32_input(grpcclient, x)], compression_algorithm=algorithm
+    )
+    np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), x)
+
+
+def test_tritonclient_aio_compression(native: RunningServer) -> None:
+    async def run() -> Any:
+        client = grpcclient_aio.InferenceServerClient(native.grpc_url)
+        try:
+            x = np.zeros((32, 16), np.float32)
+            return await client.infer(
+                "identity_fp32", [fp32_input(grpcclient_aio, x)], compression_algorithm="gzip"
+            )
+        finally:
+            await client.close()
+
+    np.testing.assert_array_equal(asyncio.run(run()).as_numpy("OUTPUT0"), np.zeros((32, 16)))
+
+
+def test_grpcio_gzip_channel(native: RunningServer) -> None:
+    request = service_pb2.ModelInferRequest(model_name="identity_fp32")
+    request.inputs.add(name="INPUT0", datatype="FP32", shape=[8, 16])
+    request.raw_input_contents.append(np.ones((8, 16), np.float32).tobytes())
+    with grpc.insecure_channel(native.grpc_url, compression=grpc.Compression.Gzip) as channel:
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        response = stub.ModelInfer(request, timeout=10)
+        stream = list(stub.ModelStreamInfer(iter([request, request]), timeout=10))
+    assert response.raw_output_contents[0] == np.ones((8, 16), np.float32).tobytes()
+    assert [r.error_message for r in stream] == ["", ""]
+
+
+def test_zip_bomb_is_resource_exhausted(native: RunningServer) -> None:
+    request = service_pb2.ModelInferRequest(model_name="identity_fp32")
+    request.inputs.add(name="INPUT0", datatype="FP32", shape=[4096, 16])
+    request.raw_input_contents.append(bytes(4096 * 16 * 4 * 4))  # 1 MiB of zeros, 10x LIMIT
+    with grpc.insecure_channel(native.grpc_url) as channel:
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as info:
+            stub.ModelInfer(request, timeout=10, compression=grpc.Compression.Gzip)
+    assert info.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert f"more than {LIMIT} bytes" in str(info.value.details())
+
+
+# -- deadlines and shutdown, with a model whose queue is held -----------------------------
+
+SLOW_CONFIG = """
+name: "slow"
+backend: "onnxruntime"
+max_batch_size: 64
+input [ { name: "INPUT0" data_type: TYPE_FP32 dims: [ 16 ] } ]
+output [ { name: "OUTPUT0" data_type: TYPE_FP32 dims: [ 16 ] } ]
+instance_group [ { count: 1 kind: KIND_CPU } ]
+dynamic_batching { }
+"""
+
+
+@pytest.fixture(scope="module")
+def slow_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One instance of a model that takes a while on a full batch (64 rows): a few such
+    requests hold the queue, and a 1-row request waits behind them."""
+    repo = tmp_path_factory.mktemp("slow_repo")
+    slow_identity(repo / "slow" / "1" / "model.onnx")
+    (repo / "slow" / "config.pbtxt").write_text(SLOW_CONFIG)
+    return repo
+
+
+@pytest.fixture
+def slow(slow_repository: Path, start_server: ServerFactory) -> RunningServer:
+    return start_server(slow_repository, "--grpc-frontend", "native")
+
+
+def slow_input(module: Any, rows: int, value: float = 1.0) -> Any:
+    return fp32_input(module, np.full((rows, 16), value, np.float32))
+
+
+class QueueHolder:
+    """Full-batch requests, enough of them to keep the single instance busy for about
+    `seconds` (measured on this machine), each in its own thread."""
+
+    def __init__(self, server: RunningServer, seconds: float = 2.0) -> None:
+        self.client = grpcclient.InferenceServerClient(server.grpc_url)
+        started = time.monotonic()
+        self.client.infer("slow", [slow_input(grpcclient, 64)])  # also warms the model up
+        took = max(time.monotonic() - started, 0.01)
+        self.count = min(40, max(2, int(seconds / took) + 1))
+        self.pool = ThreadPoolExecutor(self.count)
+        self.results = [
+            self.pool.submit(self.client.infer, "slow", [slow_input(grpcclient, 64)])
+            for _ in range(self.count)
+        ]
+        time.sleep(0.2)  # the first is running, the others queued
+
+    def wait(self) -> None:
+        for result in self.results:
+            np.testing.assert_array_equal(result.result(120).as_numpy("OUTPUT0"),
+                                          np.ones((64, 16), np.float32))
+        self.pool.shutdown()
+
+
+def slow_stats(server: RunningServer) -> tuple[int, int]:
+    """(inference_count, success count) of the slow model."""
+    client = grpcclient.InferenceServerClient(server.grpc_url)
+    [stats] = client.get_inference_statistics("slow", as_json=True)["model_stats"]
+    success = stats["inference_stats"]["success"]
+    return int(stats.get("inference_count", 0)), int(success.get("count", 0))
+
+
+def pending_requests(server: RunningServer) -> float:
+    with urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics") as r:
+        text = r.read().decode()
+    found = re.findall(r'^tachyon_inference_pending_requests\{[^}]*model="slow"[^}]*\} (\S+)',
+                       text, re.MULTILINE)
+    assert found, text
+    return sum(float(v) for v in found)
+
+
+def test_server_deadline_takes_the_request_out_of_the_queue(slow: RunningServer) -> None:
+    """A bare HTTP/2 client that never cancels: only the server's own grpc-timeout ends the
+    call, and the request behind the busy instance is never run."""
+    holder = QueueHolder(slow)
+    request = service_pb2.ModelInferRequest(model_name="slow", id="probe")
+    request.inputs.add(name="INPUT0", datatype="FP32", shape=[1, 16])
+    request.raw_input_contents.append(np.ones((1, 16), np.float32).tobytes())
+    client = RawH2(slow.grpc_port)
+    try:
+        started = time.monotonic()
+        stream = client.request("/inference.GRPCInferenceService/ModelInfer",
+                                grpc_frame(request.SerializeToString()),
+                                headers=(("grpc-timeout", "300m"),))
+        answer = client.answer(stream, timeout=60)
+        took = time.monotonic() - started
+    finally:
+        client.close()
+    assert answer.status["grpc-status"] == "4", answer  # DEADLINE_EXCEEDED
+    assert answer.status["grpc-message"] == "Deadline Exceeded"
+    assert took < 1.5, f"answered after {took:.2f}s: the queue, not the deadline, ended it"
+    holder.wait()
+    # The probe left the queue: only the warm-up and the holders ran, 64 rows each.
+    assert slow_stats(slow) == (64 * (holder.count + 1), holder.count + 1)
+    assert pending_requests(slow) == 0
+
+
+def test_tritonclient_client_timeout(slow: RunningServer) -> None:
+    holder = QueueHolder(slow)
+    client = grpcclient.InferenceServerClient(slow.grpc_url)
+    error = error_of(
+        lambda: client.infer("slow", [slow_input(grpcclient, 1)], client_timeout=0.3)
+    )
+    assert error.status() == "StatusCode.DEADLINE_EXCEEDED"
+    holder.wait()
+    assert slow_stats(slow) == (64 * (holder.count + 1), holder.count + 1)
+    assert pending_requests(slow) == 0
+
+
+def test_sigterm_answers_every_call_in_flight(slow: RunningServer) -> None:
+    """Requests queued behind a busy instance when SIGTERM arrives are all answered (the
+    server sends GOAWAY, then waits for them), and the server exits 0."""
+    holder = QueueHolder(slow, seconds=1.0)
+    client = grpcclient.InferenceServerClient(slow.grpc_url)
+    with ThreadPoolExecutor(8) as pool:
+        probes = [
+            pool.submit(client.infer, "slow", [slow_input(grpcclient, 1, float(i))],
+                        request_id=str(i), client_timeout=60)
+            for i in range(8)
+        ]
+        time.sleep(0.3)  # all sent, waiting in the queue
+        slow.process.send_signal(signal.SIGTERM)
+        for i, probe in enumerate(probes):
+            result = probe.result(60)
+            assert result.get_response().id == str(i)
+            np.testing.assert_array_equal(result.as_numpy("OUTPUT0"),
+                                          np.full((1, 16), float(i), np.float32))
+    holder.wait()
+    assert slow.process.wait(60) == 0, slow.log()
+    assert "Traceback" not in slow.log(), slow.log()
 
 
 def test_perf_analyzer_runs_without_errors(native: RunningServer) -> None:

@@ -1,33 +1,38 @@
-"""HTTP/REST transport: KServe v2 JSON, Triton's binary tensor extension, error mapping.
+"""HTTP/REST transport: KServe v2 routes over Starlette, error mapping, disconnects.
 
-Binary tensor extension: when the `Inference-Header-Content-Length` header is present, the
-body is that many bytes of JSON followed by the binary tensors, in input order, each input
-declaring its size in `parameters.binary_data_size`. Outputs asked for with
-`parameters.binary_data: true` (or the request's `binary_data_output: true`) travel the same way.
+Inference bodies are converted in `_codec` (JSON and Triton's binary tensor extension) and read,
+bounded and (de)compressed in `_body`; large ones are handled on worker threads so that the
+event loop keeps answering small requests. A client that disconnects while its inference waits
+cancels it: the request leaves its model's queue.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import logging
-from typing import Any
+from collections.abc import Awaitable
+from typing import Any, TypeVar
 
 import orjson
 import uvicorn
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
+from starlette.types import Receive
 
 from server.dataplane import DataPlane
-from server.errors import Code, ServingError, exhausted, invalid
+from server.errors import Code, ServingError, invalid
+from server.http._body import OFFLOAD_BYTES, HttpError, compress, read_body, response_encoding
+from server.http._codec import decode_infer_request, encode_infer_response, response_size
 from server.statistics import Duration, ModelStats
-from server.tensors import check_shape, from_json, from_raw, to_json, to_raw
-from server.types import DataType, InferInput, InferRequest, InferResponse, RequestedOutput
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
 HEADER_LENGTH = "inference-header-content-length"
 STATUS = {
     Code.INVALID_ARGUMENT: 400,
@@ -40,6 +45,7 @@ STATUS = {
     Code.DEADLINE_EXCEEDED: 504,
     Code.INTERNAL: 500,
 }
+CLIENT_GONE = 499  # nginx's "client closed request": logged, never seen by the client
 
 
 def _json(payload: Any, status: int = 200) -> Response:
@@ -50,143 +56,35 @@ def _error(exc: ServingError, status: int | None = None) -> Response:
     return _json({"error": exc.message}, status or STATUS[exc.code])
 
 
-def _tensor(
-    item: Any, binary: memoryview, offset: int, binary_sizes_ok: bool
-) -> tuple[InferInput, int]:
-    if not isinstance(item, dict):
-        raise invalid(f"inputs: each input must be an object, got {type(item).__name__}")
-    name = item.get("name")
-    if not isinstance(name, str):
-        raise invalid(f"inputs: 'name' must be a string, got {name!r}")
-    shape_value = item.get("shape")
-    if not isinstance(shape_value, list) or not all(
-        isinstance(d, int) and not isinstance(d, bool) for d in shape_value
-    ):
-        raise invalid(f"input '{name}': 'shape' must be a list of integers, got {shape_value!r}")
-    shape = check_shape(name, shape_value)
+class ClientGone(Exception):
+    """The client disconnected before its answer was ready."""
+
+
+async def _disconnected(receive: Receive) -> None:
+    """Returns when the client disconnects. Called once the body is read: the server's
+    receive channel then has nothing but `http.disconnect` to deliver."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+async def unless_disconnected(receive: Receive, work: Awaitable[T]) -> T:
+    """`await work`, cancelled when the client disconnects first (raises ClientGone)."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_disconnected(receive))
+
+    def on_disconnect(watcher: asyncio.Future[None]) -> None:
+        if not watcher.cancelled() and watcher.exception() is None:
+            task.cancel()
+
+    watcher.add_done_callback(on_disconnect)
     try:
-        datatype = DataType.from_wire(item.get("datatype", ""))
-    except ValueError as exc:
-        raise invalid(f"input '{name}': {exc}") from None
-    params = item.get("parameters") or {}
-    if not isinstance(params, dict):
-        raise invalid(f"input '{name}': 'parameters' must be an object, got {params!r}")
-    size = params.get("binary_data_size")
-    if size is not None:
-        if not binary_sizes_ok:
-            raise invalid(
-                f"input '{name}': binary_data_size given but the request has no "
-                "Inference-Header-Content-Length header"
-            )
-        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
-            raise invalid(
-                f"input '{name}': binary_data_size must be a non-negative integer, got {size!r}"
-            )
-        if offset + size > len(binary):
-            raise invalid(
-                f"input '{name}': binary_data_size {size} overruns the binary body "
-                f"({len(binary) - offset} bytes left)"
-            )
-        data = from_raw(name, datatype, shape, binary[offset : offset + size])
-        return InferInput(name, datatype, shape, data), offset + size
-    if "data" not in item:
-        raise invalid(f"input '{name}': neither 'data' nor parameters.binary_data_size given")
-    return InferInput(name, datatype, shape, from_json(name, datatype, shape, item["data"])), offset
-
-
-def decode_infer_request(
-    model: str, version: str, body: bytes, header_length: int | None
-) -> tuple[InferRequest, bool]:
-    """Returns the request and the request-level binary_data_output flag."""
-    json_part = body if header_length is None else body[:header_length]
-    binary = memoryview(body)[len(body) if header_length is None else header_length :]
-    try:
-        payload = orjson.loads(json_part)
-    except orjson.JSONDecodeError as exc:
-        raise invalid(f"request body is not valid JSON: {exc}") from None
-    if not isinstance(payload, dict):
-        raise invalid(f"request body must be a JSON object, got {type(payload).__name__}")
-    raw_inputs = payload.get("inputs")
-    if not isinstance(raw_inputs, list):
-        raise invalid(f"'inputs' must be a list of tensors, got {raw_inputs!r}")
-    offset = 0
-    inputs = []
-    for item in raw_inputs:
-        tensor, offset = _tensor(item, binary, offset, header_length is not None)
-        inputs.append(tensor)
-    if offset != len(binary):
-        raise invalid(
-            f"binary body has {len(binary)} bytes, but the inputs' binary_data_size add up to "
-            f"{offset}"
-        )
-    params = payload.get("parameters") or {}
-    if not isinstance(params, dict):
-        raise invalid(f"'parameters' must be an object, got {params!r}")
-    raw_outputs = payload.get("outputs") or []
-    if not isinstance(raw_outputs, list):
-        raise invalid(f"'outputs' must be a list of requested outputs, got {raw_outputs!r}")
-    outputs = []
-    for out in raw_outputs:
-        if not isinstance(out, dict) or not isinstance(out.get("name"), str):
-            raise invalid(f"outputs: each output needs a string 'name', got {out!r}")
-        out_params = out.get("parameters") or {}
-        if not isinstance(out_params, dict):
-            raise invalid(
-                f"output '{out['name']}': 'parameters' must be an object, got {out_params!r}"
-            )
-        binary_flag = out_params.get("binary_data")
-        outputs.append(
-            RequestedOutput(out["name"], None if binary_flag is None else bool(binary_flag))
-        )
-    request_id = payload.get("id", "")
-    request = InferRequest(
-        model_name=model,
-        model_version=version,
-        inputs=inputs,
-        outputs=outputs,
-        id=request_id if isinstance(request_id, str) else str(request_id),
-        parameters={k: v for k, v in params.items() if isinstance(v, bool | int | float | str)},
-    )
-    return request, bool(params.get("binary_data_output", False))
-
-
-def encode_infer_response(
-    response: InferResponse, request: InferRequest, binary_default: bool
-) -> Response:
-    wants = {o.name: o.binary for o in request.outputs}
-    outputs = []
-    chunks = []
-    for output in response.outputs:
-        entry: dict[str, Any] = {
-            "name": output.name,
-            "datatype": output.datatype.value,
-            "shape": list(output.shape),
-        }
-        binary = wants.get(output.name)
-        if binary is None:
-            binary = binary_default
-        if binary:
-            raw = to_raw(output.datatype, output.data)
-            entry["parameters"] = {"binary_data_size": len(raw)}
-            chunks.append(raw)
-        else:
-            entry["data"] = to_json(output.datatype, output.data)
-        outputs.append(entry)
-    payload: dict[str, Any] = {
-        "model_name": response.model_name,
-        "model_version": response.model_version,
-        "outputs": outputs,
-    }
-    if response.id:
-        payload["id"] = response.id
-    header = orjson.dumps(payload)
-    if not chunks:
-        return Response(header, media_type="application/json")
-    return Response(
-        b"".join([header, *chunks]),
-        media_type="application/octet-stream",
-        headers={"Inference-Header-Content-Length": str(len(header))},
-    )
+        return await task
+    except asyncio.CancelledError:
+        if watcher.done() and not watcher.cancelled():
+            raise ClientGone from None
+        raise
+    finally:
+        watcher.cancel()
 
 
 def _duration(d: Duration) -> dict[str, int]:
@@ -269,22 +167,55 @@ class HttpApp:
             Route("/v2/repository/models/{model}/load", self.load, methods=["POST"]),
             Route("/v2/repository/models/{model}/unload", self.unload, methods=["POST"]),
         ]
-        handlers = {ServingError: self._on_error, Exception: self._on_crash}
+        handlers = {
+            ServingError: self._on_error,
+            HttpError: self._on_http_error,
+            HTTPException: self._on_routing,
+            ClientDisconnect: self._on_gone,
+            ClientGone: self._on_gone,
+            Exception: self._on_crash,
+        }
         self.app = Starlette(routes=routes, exception_handlers=handlers)
 
     async def _on_error(self, request: Request, exc: Exception) -> Response:
         assert isinstance(exc, ServingError)
         return _error(exc)
 
+    async def _on_http_error(self, request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HttpError)
+        return _json({"error": exc.message}, exc.status)
+
+    async def _on_routing(self, request: Request, exc: Exception) -> Response:
+        """Starlette's router: 404 for an unknown path, 405 for a method the path lacks."""
+        assert isinstance(exc, HTTPException)
+        where = f"{request.method} {request.url.path}"
+        if exc.status_code == 404:
+            message = f"no endpoint at {where}, see the KServe v2 routes under /v2"
+        elif exc.status_code == 405:
+            allowed = (exc.headers or {}).get("Allow", "")
+            message = (
+                f"method {request.method} is not allowed at {request.url.path}, expected "
+                f"{allowed}"
+            )
+        else:
+            message = f"{where}: {exc.detail}"
+        return Response(orjson.dumps({"error": message}), exc.status_code, exc.headers,
+                        media_type="application/json")
+
+    async def _on_gone(self, request: Request, exc: Exception) -> Response:
+        return Response(status_code=CLIENT_GONE)  # the server drops it: nobody is listening
+
     async def _on_crash(self, request: Request, exc: Exception) -> Response:
         # a JSON error like the gRPC INTERNAL one; Starlette re-raises, so uvicorn logs it
         return _json({"error": f"internal error: {exc}"}, 500)
 
     async def live(self, request: Request) -> Response:
-        return Response(status_code=200 if self.dataplane.live() else 400)
+        live = self.dataplane.live()
+        return _json({"live": live}, 200 if live else 400)
 
     async def ready(self, request: Request) -> Response:
-        return Response(status_code=200 if self.dataplane.ready() else 400)
+        ready = self.dataplane.ready()
+        return _json({"ready": ready}, 200 if ready else 400)
 
     async def server_metadata(self, request: Request) -> Response:
         name, version, extensions = self.dataplane.server_metadata()
@@ -312,49 +243,43 @@ class HttpApp:
     async def model_ready(self, request: Request) -> Response:
         p = request.path_params
         ready = self.dataplane.model_ready(p["model"], p.get("version", ""))
-        return Response(status_code=200 if ready else 400)
-
-    async def _body(self, request: Request) -> bytes:
-        declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_request_bytes:
-            raise exhausted(
-                f"request body of {declared} bytes exceeds the limit of "
-                f"{self.max_request_bytes} bytes (--max-request-bytes)"
-            )
-        chunks = []
-        size = 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > self.max_request_bytes:
-                raise exhausted(
-                    f"request body exceeds the limit of {self.max_request_bytes} bytes "
-                    "(--max-request-bytes)"
-                )
-            chunks.append(chunk)
-        return b"".join(chunks)
+        return _json({"name": p["model"], "ready": ready}, 200 if ready else 400)
 
     async def infer(self, request: Request) -> Response:
         p = request.path_params
-        try:
-            body = await self._body(request)
-        except ServingError as exc:
-            return _error(exc, 413)
+        body = await read_body(request, self.max_request_bytes)
         header = request.headers.get(HEADER_LENGTH)
         header_length = None
         if header is not None:
             if not header.isdigit() or int(header) > len(body):
-                return _error(
-                    invalid(
-                        f"Inference-Header-Content-Length {header!r} is invalid, expected an "
-                        f"integer no larger than the body ({len(body)} bytes)"
-                    )
+                raise invalid(
+                    f"Inference-Header-Content-Length {header!r} is invalid, expected an "
+                    f"integer no larger than the body ({len(body)} bytes)"
                 )
             header_length = int(header)
-        infer_request, binary_default = decode_infer_request(
-            p["model"], p.get("version", ""), body, header_length
+        decode = (p["model"], p.get("version", ""), body, header_length)
+        if len(body) > OFFLOAD_BYTES:
+            infer_request, binary_default = await asyncio.to_thread(decode_infer_request, *decode)
+        else:
+            infer_request, binary_default = decode_infer_request(*decode)
+        del body  # the inputs hold views of what they need
+        response = await unless_disconnected(
+            request.receive, self.dataplane.infer(infer_request)
         )
-        response = await self.dataplane.infer(infer_request)
-        return encode_infer_response(response, infer_request, binary_default)
+        encode = (response, infer_request, binary_default)
+        if response_size(response) > OFFLOAD_BYTES:
+            content, json_length = await asyncio.to_thread(encode_infer_response, *encode)
+        else:
+            content, json_length = encode_infer_response(*encode)
+        headers = {"Vary": "Accept-Encoding"}
+        if json_length is not None:
+            headers["Inference-Header-Content-Length"] = str(json_length)
+        encoding = response_encoding(request.headers.get("accept-encoding"))
+        if encoding is not None:
+            content = await compress(encoding, content)
+            headers["Content-Encoding"] = encoding
+        media_type = "application/json" if json_length is None else "application/octet-stream"
+        return Response(content, headers=headers, media_type=media_type)
 
     async def config(self, request: Request) -> Response:
         p = request.path_params
@@ -365,15 +290,19 @@ class HttpApp:
         entries = self.dataplane.statistics(p.get("model", ""), p.get("version", ""))
         return _json({"model_stats": [statistics_json(*e) for e in entries]})
 
+    async def _json_body(self, request: Request) -> Any:
+        """A small JSON body (None when empty), within --max-request-bytes."""
+        body = await read_body(request, self.max_request_bytes)
+        if not body:
+            return None
+        try:
+            return orjson.loads(body)
+        except orjson.JSONDecodeError as exc:
+            raise invalid(f"request body is not valid JSON: {exc}") from None
+
     async def index(self, request: Request) -> Response:
-        ready_only = False
-        body = await request.body()
-        if body:
-            try:
-                payload = orjson.loads(body)
-            except orjson.JSONDecodeError as exc:
-                raise invalid(f"request body is not valid JSON: {exc}") from None
-            ready_only = bool(isinstance(payload, dict) and payload.get("ready", False))
+        payload = await self._json_body(request)
+        ready_only = bool(isinstance(payload, dict) and payload.get("ready", False))
         entries = []
         for e in await self.dataplane.repository_index(ready_only):
             fields = (("name", e.name), ("version", e.version), ("state", e.state),
@@ -384,16 +313,10 @@ class HttpApp:
     async def load(self, request: Request) -> Response:
         """POST /v2/repository/models/{m}/load, body {"parameters": {"config": "<json>",
         "file:<version>/<name>": "<base64>"}} as in Triton."""
-        body = await request.body()
-        params: dict[str, Any] = {}
-        if body:
-            try:
-                payload = orjson.loads(body)
-            except orjson.JSONDecodeError as exc:
-                raise invalid(f"request body is not valid JSON: {exc}") from None
-            params = (payload or {}).get("parameters") or {} if isinstance(payload, dict) else {}
-            if not isinstance(params, dict):
-                raise invalid(f"'parameters' must be an object, got {params!r}")
+        payload = await self._json_body(request)
+        params = (payload or {}).get("parameters") or {} if isinstance(payload, dict) else {}
+        if not isinstance(params, dict):
+            raise invalid(f"'parameters' must be an object, got {params!r}")
         config_json = None
         files: dict[str, bytes] = {}
         for key, value in params.items():

@@ -427,7 +427,8 @@ class NativeGrpcServer:
     def _running(self) -> list[asyncio.Task[None]]:
         streams = (t for s in self._streams.values() for t in s.tasks)
         handlers = (s.task for s in self._handler_streams.values() if s.task is not None)
-        return [*self._calls.values(), *streams, *handlers]
+        # A task cancelled before it first ran never removed itself: it is not running.
+        return [t for t in (*self._calls.values(), *streams, *handlers) if not t.done()]
 
     async def stop(self, grace: float) -> None:
         """Refuse new calls (GOAWAY, in two steps), let running ones finish for up to `grace`

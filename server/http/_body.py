@@ -18,8 +18,9 @@ from starlette.requests import Request
 
 from server.errors import ServingError, invalid
 
-# Bodies above this many bytes are joined, inflated, decoded, encoded and compressed on a
-# worker thread; below it the thread hop (~50 us) costs more than the work it would move.
+# Bodies above this many bytes are joined, inflated and compressed on a worker thread (zlib
+# drops the GIL); below it the thread hop (~50 us) costs more than the work it would move.
+# Decoding has its own, lower bound for JSON: see _codec.decode_offloaded.
 OFFLOAD_BYTES = 1 << 20
 
 # zlib window bits: 15 for the zlib format ("deflate" on the wire), 31 for gzip
@@ -46,7 +47,8 @@ async def read_body(request: Request, limit: int) -> bytes | memoryview:
     so that no step holds the event loop for the whole body."""
     encoding = _request_encoding(request.headers.get("content-encoding"))
     declared = request.headers.get("content-length")
-    size = int(declared) if declared is not None and declared.isdigit() else None
+    # isascii: isdigit alone takes "²" (headers are latin-1), which int() refuses
+    size = int(declared) if declared and declared.isascii() and declared.isdigit() else None
     if size is not None and size > limit:
         raise too_large(limit, f"request body of {size} bytes")
     if size is not None and size > OFFLOAD_BYTES:

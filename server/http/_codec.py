@@ -17,6 +17,7 @@ from typing import Any
 import orjson
 
 from server.errors import invalid
+from server.http._body import OFFLOAD_BYTES
 from server.tensors import check_shape, from_json, from_raw, to_json, to_raw
 from server.types import DataType, InferInput, InferRequest, InferResponse, RequestedOutput
 
@@ -169,7 +170,30 @@ def encode_infer_response(
     return b"".join([header, *chunks]), len(header)
 
 
-def response_size(response: InferResponse) -> int:
-    """About how many bytes the outputs take (object arrays: their pointers): what decides
-    whether encoding the answer moves to a thread."""
-    return sum(output.data.nbytes for output in response.outputs)
+# JSON tensors decode at ~20 us a KB (FP32 values, one Python object each) and binary ones
+# in ~7 us whatever their size (numpy views), against ~50 us for a thread hop: a request
+# moves to a thread when its JSON passes JSON_OFFLOAD_BYTES or its binary part OFFLOAD_BYTES
+# (BYTES elements become objects one by one). Measured by benchmarks/http_offload_threshold.py.
+JSON_OFFLOAD_BYTES = 16 << 10
+
+
+def decode_offloaded(size: int, header_length: int | None) -> bool:
+    """Whether a body of `size` bytes is decoded on a thread rather than on the event loop."""
+    json_size = size if header_length is None else header_length
+    return json_size > JSON_OFFLOAD_BYTES or size - json_size > OFFLOAD_BYTES
+
+
+def encode_offloaded(
+    response: InferResponse, request: InferRequest, binary_default: bool
+) -> bool:
+    """Whether an answer is encoded on a thread: the same bounds as `decode_offloaded`, on the
+    outputs' sizes in memory (object arrays: their pointers)."""
+    wants = {o.name: o.binary for o in request.outputs}
+    json_size = binary_size = 0
+    for output in response.outputs:
+        binary = wants.get(output.name)
+        if binary_default if binary is None else binary:
+            binary_size += output.data.nbytes
+        else:
+            json_size += output.data.nbytes
+    return json_size > JSON_OFFLOAD_BYTES or binary_size > OFFLOAD_BYTES

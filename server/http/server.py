@@ -26,8 +26,13 @@ from starlette.types import Receive
 
 from server.dataplane import DataPlane
 from server.errors import Code, ServingError, invalid
-from server.http._body import OFFLOAD_BYTES, HttpError, compress, read_body, response_encoding
-from server.http._codec import decode_infer_request, encode_infer_response, response_size
+from server.http._body import HttpError, compress, read_body, response_encoding
+from server.http._codec import (
+    decode_infer_request,
+    decode_offloaded,
+    encode_infer_response,
+    encode_offloaded,
+)
 from server.statistics import Duration, ModelStats
 
 log = logging.getLogger(__name__)
@@ -68,21 +73,26 @@ async def _disconnected(receive: Receive) -> None:
 
 
 async def unless_disconnected(receive: Receive, work: Awaitable[T]) -> T:
-    """`await work`, cancelled when the client disconnects first (raises ClientGone)."""
-    task = asyncio.ensure_future(work)
-    watcher = asyncio.ensure_future(_disconnected(receive))
+    """`await work` in this task, cancelled if the client disconnects first (then raises
+    ClientGone). One watcher task a call: half the cost of running `work` in a task too."""
+    task = asyncio.current_task()
+    assert task is not None
+    gone = False
 
-    def on_disconnect(watcher: asyncio.Future[None]) -> None:
-        if not watcher.cancelled() and watcher.exception() is None:
-            task.cancel()
+    async def watch() -> None:
+        nonlocal gone
+        await _disconnected(receive)
+        gone = True
+        task.cancel()
 
-    watcher.add_done_callback(on_disconnect)
+    watcher = asyncio.get_running_loop().create_task(watch())
     try:
-        return await task
+        return await work
     except asyncio.CancelledError:
-        if watcher.done() and not watcher.cancelled():
-            raise ClientGone from None
-        raise
+        if not gone:
+            raise
+        task.uncancel()
+        raise ClientGone from None
     finally:
         watcher.cancel()
 
@@ -251,14 +261,15 @@ class HttpApp:
         header = request.headers.get(HEADER_LENGTH)
         header_length = None
         if header is not None:
-            if not header.isdigit() or int(header) > len(body):
+            # isascii: isdigit alone takes "²" (headers are latin-1), which int() refuses
+            if not (header.isascii() and header.isdigit()) or int(header) > len(body):
                 raise invalid(
                     f"Inference-Header-Content-Length {header!r} is invalid, expected an "
                     f"integer no larger than the body ({len(body)} bytes)"
                 )
             header_length = int(header)
         decode = (p["model"], p.get("version", ""), body, header_length)
-        if len(body) > OFFLOAD_BYTES:
+        if decode_offloaded(len(body), header_length):
             infer_request, binary_default = await asyncio.to_thread(decode_infer_request, *decode)
         else:
             infer_request, binary_default = decode_infer_request(*decode)
@@ -267,7 +278,7 @@ class HttpApp:
             request.receive, self.dataplane.infer(infer_request)
         )
         encode = (response, infer_request, binary_default)
-        if response_size(response) > OFFLOAD_BYTES:
+        if encode_offloaded(response, infer_request, binary_default):
             content, json_length = await asyncio.to_thread(encode_infer_response, *encode)
         else:
             content, json_length = encode_infer_response(*encode)

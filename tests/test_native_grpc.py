@@ -539,6 +539,25 @@ def test_shutdown_goes_away_in_two_steps_and_refuses_later_streams(frontend: Any
         pass  # no longer accepting
 
 
+def test_a_finished_connection_closes_without_a_reset(frontend: Any) -> None:
+    """Once every call is answered after the final GOAWAY, the server half-closes and reads
+    what the client still sends: closing at once would answer it with RST, which may destroy
+    answers the client has not read yet."""
+    client = RawH2(frontend.port)
+    try:
+        stream = client.request(f"/{SERVICE}/Say", grpc_frame(b"one"))
+        [(call_id, *_)] = wait_items(frontend, 1)
+        frontend.shutdown()
+        client.pump(lambda: len(client.goaways) == 2)
+        frontend.respond([(call_id, b"ONE", 0, "")])
+        assert grpc_messages(client.answer(stream).data) == [(0, b"ONE")]
+        time.sleep(0.2)  # the server has finished the connection
+        client.sock.sendall(PingFrame(0, b"late one").serialize())  # a frame after that
+        client.pump(lambda: client.closed)  # FIN, not ECONNRESET
+    finally:
+        client.close()
+
+
 def test_final_goaway_comes_without_a_ping_ack(frontend: Any) -> None:
     client = RawH2(frontend.port, ack_pings=False)
     try:

@@ -55,6 +55,9 @@ constexpr std::size_t kKeepCapacity = 1 << 20;
 // this long without an acknowledgement.
 constexpr std::chrono::milliseconds kFinalGoawayAfter{1000};
 constexpr std::uint8_t kShutdownPing[8] = {'t', 'a', 'c', 'h', 'y', 'o', 'n', 0};
+// A connection that ended cleanly half-closes (FIN) and reads what the client still sends for
+// at most this long before closing, so that no RST can destroy answers it has not read yet.
+constexpr std::chrono::milliseconds kLingerFor{2000};
 // A grpc-timeout this long or longer is no deadline at all (it would overflow the clock).
 constexpr std::chrono::hours kNoDeadlineFrom{24 * 365 * 100};
 // The deadline heap is rebuilt without finished calls once it holds this many entries and
@@ -178,6 +181,10 @@ struct Connection {
   bool epollout = false;  // EPOLLOUT is in the interest set
   bool dirty = false;     // on the loop's flush list
   bool dead = false;      // close at the end of this turn
+  // Finished cleanly: session and calls released, our side half-closed; reads are discarded
+  // until the client closes or linger_until.
+  bool lingering = false;
+  Clock::time_point linger_until;
 
   // Shutdown (see GrpcFrontend::shutdown).
   enum class Goaway { kNone, kNotice, kFinal } goaway = Goaway::kNone;
@@ -556,7 +563,7 @@ class GrpcFrontend::Loop {
       }
       flush_dirty();
       publish();  // cancellations found while writing
-      if (shutting_down_ && connections_.empty()) {
+      if (shutting_down_ && connections_.empty()) {  // lingering ones included
         std::lock_guard<std::mutex> lock(mu_);
         drained_ = true;
         drained_cv_.notify_all();
@@ -578,6 +585,10 @@ class GrpcFrontend::Loop {
       return;
     }
     Connection& conn = *it->second;
+    if (conn.lingering) {
+      discard_input(conn);
+      return;
+    }
     if ((ev.events & (EPOLLIN | EPOLLHUP | EPOLLERR)) != 0) {
       read_from(conn);
     }
@@ -663,15 +674,23 @@ class GrpcFrontend::Loop {
       }
       Connection& conn = *it->second;
       conn.dirty = false;
-      if (conn.dead || !flush(conn)) {
+      if (conn.lingering) {
+        continue;
+      }
+      const Flushed flushed = conn.dead ? Flushed::kFailed : flush(conn);
+      if (flushed == Flushed::kFinished) {
+        linger(conn);
+      } else if (flushed == Flushed::kFailed) {
         close_connection(tag);
       }
     }
   }
 
-  // Writes what nghttp2 has for the connection until the socket is full. Returns false when
-  // the connection is finished (an error, or both sides done after GOAWAY).
-  bool flush(Connection& conn) {
+  enum class Flushed { kOpen, kFinished, kFailed };
+
+  // Writes what nghttp2 has for the connection until the socket is full. kFinished once both
+  // sides are done (after a GOAWAY) and everything was handed to the socket.
+  Flushed flush(Connection& conn) {
     nghttp2_session* session = conn.session.get();
     for (;;) {
       if (conn.woff < conn.wbuf.size()) {
@@ -686,9 +705,9 @@ class GrpcFrontend::Loop {
         }
         if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
           set_epollout(conn, true);
-          return true;
+          return Flushed::kOpen;
         }
-        return false;
+        return Flushed::kFailed;
       }
       conn.wbuf.clear();
       conn.woff = 0;
@@ -696,7 +715,7 @@ class GrpcFrontend::Loop {
         const std::uint8_t* data = nullptr;
         const ssize_t n = nghttp2_session_mem_send(session, &data);
         if (n < 0) {
-          return false;
+          return Flushed::kFailed;
         }
         if (n == 0) {
           break;
@@ -708,7 +727,9 @@ class GrpcFrontend::Loop {
       }
     }
     set_epollout(conn, false);
-    return nghttp2_session_want_read(session) != 0 || nghttp2_session_want_write(session) != 0;
+    const bool open =
+        nghttp2_session_want_read(session) != 0 || nghttp2_session_want_write(session) != 0;
+    return open ? Flushed::kOpen : Flushed::kFinished;
   }
 
   void set_epollout(Connection& conn, bool on) {
@@ -722,12 +743,48 @@ class GrpcFrontend::Loop {
     conn.epollout = on;
   }
 
+  // A cleanly finished connection: FIN now, close once the client closes too (or after
+  // kLingerFor). Closing at once would answer the client's late frames (a WINDOW_UPDATE for
+  // our last DATA, say) with RST, which may destroy answers it has not read yet.
+  void linger(Connection& conn) {
+    conn.session.reset();
+    for (auto& entry : conn.calls) {
+      forget(*entry.second);
+    }
+    conn.calls.clear();
+    ::shutdown(conn.fd.get(), SHUT_WR);
+    set_epollout(conn, false);
+    conn.lingering = true;
+    conn.linger_until = Clock::now() + kLingerFor;
+    ++lingering_;
+  }
+
+  void discard_input(Connection& conn) {
+    for (;;) {
+      const ssize_t n = ::recv(conn.fd.get(), rbuf_.data(), rbuf_.size(), 0);
+      if (n > 0) {
+        continue;
+      }
+      if (n < 0 && errno == EINTR) {
+        continue;
+      }
+      if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+        return;
+      }
+      close_connection(conn.tag);  // the client closed too (or the socket failed)
+      return;
+    }
+  }
+
   void close_connection(std::uint64_t tag) {
     const auto it = connections_.find(tag);
     if (it == connections_.end()) {
       return;
     }
     Connection& conn = *it->second;
+    if (conn.lingering) {
+      --lingering_;
+    }
     conn.session.reset();  // first: it may point at calls; deleting it calls no callback
     for (auto& entry : conn.calls) {
       forget(*entry.second);
@@ -758,6 +815,9 @@ class GrpcFrontend::Loop {
     }
     for (auto& entry : connections_) {
       Connection& conn = *entry.second;
+      if (conn.lingering) {
+        continue;
+      }
       nghttp2_session* session = conn.session.get();
       // First step: "stop opening streams soon" (last stream id 2^31-1), and a PING whose
       // acknowledgement tells that the client has seen it (on_frame_recv).
@@ -776,7 +836,7 @@ class GrpcFrontend::Loop {
   // Second step: streams up to the last one seen go on; later ones are refused (the client
   // opens them on a new connection).
   void send_final_goaway(Connection& conn) {
-    if (conn.goaway == Connection::Goaway::kFinal) {
+    if (conn.goaway == Connection::Goaway::kFinal || conn.lingering) {
       return;
     }
     nghttp2_session* session = conn.session.get();
@@ -808,6 +868,9 @@ class GrpcFrontend::Loop {
     if (final_goaway_pending_) {
       next = std::min(next, final_goaway_at_);
     }
+    if (lingering_ != 0) {
+      next = std::min(next, Clock::now() + kLingerFor / 4);  // checked now and then
+    }
     if (next == Clock::time_point::max()) {
       return -1;
     }
@@ -825,6 +888,17 @@ class GrpcFrontend::Loop {
       final_goaway_pending_ = false;
       for (auto& entry : connections_) {
         send_final_goaway(*entry.second);  // no PING acknowledgement in time
+      }
+    }
+    if (lingering_ != 0) {
+      std::vector<std::uint64_t> expired;
+      for (const auto& entry : connections_) {
+        if (entry.second->lingering && entry.second->linger_until <= now) {
+          expired.push_back(entry.first);
+        }
+      }
+      for (const std::uint64_t tag : expired) {
+        close_connection(tag);
       }
     }
     while (!deadlines_.empty() && deadlines_.front().at <= now) {
@@ -1201,6 +1275,7 @@ class GrpcFrontend::Loop {
   std::uint64_t next_tag_ = kFirstConnection;
   std::uint64_t next_call_id_ = 1;
   std::vector<Deadline> deadlines_;  // a min-heap on `at` (std::greater)
+  std::size_t lingering_ = 0;        // connections with `lingering` set
   bool shutting_down_ = false;
   bool final_goaway_pending_ = false;
   Clock::time_point final_goaway_at_;

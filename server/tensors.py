@@ -198,6 +198,13 @@ def to_raw(datatype: DataType, array: Array) -> bytes:
     return np.ascontiguousarray(array, dtype=datatype.numpy).tobytes()
 
 
+def raw_view(datatype: DataType, array: Array) -> bytes | memoryview:
+    """`to_raw` without the copy where the array is already contiguous in its wire type."""
+    if datatype is DataType.BYTES:
+        return to_raw(datatype, array)
+    return np.ascontiguousarray(array, dtype=datatype.numpy).data.cast("B")
+
+
 def to_json(datatype: DataType, array: Array) -> list[Any]:
     """Encode an output tensor as a flat JSON list."""
     if datatype is DataType.BYTES:

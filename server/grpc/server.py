@@ -19,11 +19,12 @@ from grpc_reflection.v1alpha import reflection_pb2
 from server import proto
 from server.dataplane import DataPlane
 from server.errors import Code, ServingError, invalid
+from server.grpc._wire import bytes_field, split_bytes_field
 from server.grpc.health import HEALTH_SERVICE, REFLECTION_SERVICES, HealthService, ReflectionService
 from server.grpc.restricted import RestrictedProtocolInterceptor
 from server.restricted import Restrictions
 from server.statistics import Duration, ModelStats
-from server.tensors import check_shape, from_contents, from_raw, to_raw
+from server.tensors import check_shape, from_contents, from_raw, raw_view, to_raw
 from server.tls import TlsSettings, grpc_credentials
 from server.types import DataType, InferInput, InferRequest, InferResponse, RequestedOutput
 
@@ -75,8 +76,25 @@ def parse_infer_request(data: bytes) -> Any:
 _DATATYPES = {d.value: d for d in DataType}
 
 
-def decode_infer_request(message: Any) -> InferRequest:
-    raw = message.raw_input_contents
+LARGE_MESSAGE_BYTES = 1 << 20
+"""Above this, ModelInfer's tensors bypass upb's copies (see server/grpc/_wire.py)."""
+RAW_INPUT_CONTENTS = 7  # ModelInferRequest.raw_input_contents
+RAW_OUTPUT_CONTENTS = 6  # ModelInferResponse.raw_output_contents
+
+
+def decode_infer_bytes(data: bytes) -> InferRequest:
+    """A serialized ModelInferRequest as the core's request; a large one's raw tensors are
+    views of `data`, never copied."""
+    if len(data) < LARGE_MESSAGE_BYTES:
+        return decode_infer_request(parse_infer_request(data))
+    rest, raw = split_bytes_field(data, RAW_INPUT_CONTENTS, "ModelInferRequest")
+    return decode_infer_request(parse_infer_request(rest), raw)
+
+
+def decode_infer_request(
+    message: Any, raw_contents: list[memoryview] | None = None
+) -> InferRequest:
+    raw = message.raw_input_contents if raw_contents is None else raw_contents
     if raw and len(raw) != len(message.inputs):
         raise invalid(
             f"raw_input_contents has {len(raw)} entries, expected {len(message.inputs)} "
@@ -122,7 +140,21 @@ def _requested_output(output: Any) -> RequestedOutput:
     return RequestedOutput(output.name, class_count=count)
 
 
-def encode_infer_response(response: InferResponse) -> Any:
+def serialize_infer_response(response: InferResponse) -> bytes:
+    """ModelInferResponse's bytes; large outputs are joined in once, not copied three times
+    (tobytes, the message, its serialization)."""
+    size = sum(o.data.nbytes for o in response.outputs if o.datatype is not DataType.BYTES)
+    if size < LARGE_MESSAGE_BYTES:
+        serialized: bytes = encode_infer_response(response).SerializeToString()
+        return serialized
+    message = encode_infer_response(response, with_raw=False)
+    parts: list[memoryview | bytes] = [message.SerializeToString()]
+    for output in response.outputs:
+        parts += bytes_field(RAW_OUTPUT_CONTENTS, raw_view(output.datatype, output.data))
+    return b"".join(parts)
+
+
+def encode_infer_response(response: InferResponse, with_raw: bool = True) -> Any:
     message = proto.ModelInferResponse(
         model_name=response.model_name, model_version=response.model_version, id=response.id
     )
@@ -132,7 +164,8 @@ def encode_infer_response(response: InferResponse) -> Any:
         tensor.name = output.name
         tensor.datatype = output.datatype.value
         tensor.shape.extend(output.shape)
-        raw.append(to_raw(output.datatype, output.data))
+        if with_raw:
+            raw.append(to_raw(output.datatype, output.data))
     message.raw_output_contents.extend(raw)
     return message
 
@@ -197,10 +230,8 @@ class GrpcService:
     async def ModelInfer(self, request: bytes, context: Any) -> bytes:
         """The hot path: raw bytes in and out, parsed and serialized here (upb) rather than
         by grpc's generic (de)serializer callbacks."""
-        message = parse_infer_request(request)
-        response = await self.dataplane.infer(decode_infer_request(message))
-        serialized: bytes = encode_infer_response(response).SerializeToString()
-        return serialized
+        response = await self.dataplane.infer(decode_infer_bytes(request))
+        return serialize_infer_response(response)
 
     async def ModelConfig(self, request: Any, context: Any) -> Any:
         config = self.dataplane.model_config(request.name, request.version)

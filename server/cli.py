@@ -91,6 +91,9 @@ def _serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
                    "(0: unbounded); more are refused with RESOURCE_EXHAUSTED / 503")
     p.add_argument("--model-load-thread-count", type=int, default=4, metavar="N",
                    help="threads that load models in parallel")
+    p.add_argument("--id", dest="server_id", default="tachyon", metavar="NAME",
+                   help="the server's name in server metadata (Triton's --id; its default is "
+                   "'triton', which some clients' examples check)")
     p.add_argument("--log-verbose", type=int, default=0, metavar="N",
                    help="0: info; 1: debug, a line per request; 2: also library debug lines")
     p.add_argument("--log-format", choices=("text", "json"), default="text",
@@ -190,6 +193,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             model_load_threads=args.model_load_thread_count,
             metrics_latency_buckets=args.metrics_latency_buckets,
             grpc_frontend=args.grpc_frontend,
+            server_id=args.server_id,
             strict_readiness=args.strict_readiness,
             exit_on_error=args.exit_on_error,
             exit_timeout_secs=args.exit_timeout_secs,

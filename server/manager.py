@@ -164,13 +164,15 @@ class ModelManager:
             if default is not None and default.ready:
                 return default
         versions = self._models.get(name)
-        if not versions:
-            raise not_found(f"model '{name}' is not in the repository")
+        if not versions:  # Triton's words, which its clients' examples look for
+            raise not_found(
+                f"Request for unknown model: '{name}' is not found in the model repository"
+            )
         if version:
             if not version.isdigit():
                 raise not_found(
-                    f"model '{name}': version '{version}' is not a version number, "
-                    "expected a positive integer"
+                    f"model '{name}': failed to get model version from specified version "
+                    f"string '{version}': expected a positive integer"
                 )
             entry = versions.get(int(version))
             if entry is None:
@@ -290,7 +292,7 @@ class ModelManager:
         source = await self._new_source(name, config_json, files)
         try:
             if not await self._io(source.directory.is_dir):
-                raise not_found(f"model '{name}' is not in the repository")
+                raise not_found(f"failed to load '{name}': it is not in the model repository")
             ensemble = await self._io(_ensemble_config, name, source)
             if ensemble is not None:  # load the models it calls first, as Triton does
                 for step in step_models(ensemble):

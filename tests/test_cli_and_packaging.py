@@ -82,3 +82,17 @@ def test_json_logs_carry_the_request_id(start_server: ServerFactory, tmp_path: P
     failed = [e for e in lines if e.get("request_id") == "req-bad-42"]
     assert len(failed) == 1 and "expected [-1, 16]" in failed[0]["message"]
     assert any(e.get("request_id") == "req-good-7" for e in lines)
+
+
+def test_id_names_the_server_in_metadata(start_server: ServerFactory, tmp_path: Path) -> None:
+    """Triton's --id: what ServerMetadata and GET /v2 call the server (Triton's client examples
+    check for its default, 'triton')."""
+    import tritonclient.grpc as grpcclient
+    import tritonclient.http as httpclient
+
+    repository = tmp_path / "repo"
+    shutil.copytree(ROOT / "model_repository" / "identity_fp32", repository / "identity_fp32")
+    server = start_server(repository, "--id", "triton")
+    assert grpcclient.InferenceServerClient(server.grpc_url).get_server_metadata().name == "triton"
+    assert httpclient.InferenceServerClient(server.http_url).get_server_metadata()["name"] == (
+        "triton")

@@ -183,7 +183,7 @@ GOOD_JSON_INPUT = json_input([0.5] * 16)
 
 def test_unknown_model(bundled: RunningServer, transport: str) -> None:
     error = client_error(bundled, transport, "no_such_model", [("INPUT0", "FP32", fp32(1, 16))])
-    check(error, transport, "NOT_FOUND", "'no_such_model'", "not in the repository")
+    check(error, transport, "NOT_FOUND", "'no_such_model'", "not found in the model repository")
 
 
 @pytest.mark.parametrize("version", ["7", "abc"])

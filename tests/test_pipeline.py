@@ -34,7 +34,7 @@ ensemble_scheduling { step [
 BROKEN = {
     "unknown_model": (CHAIN.replace('"identity_fp32" model_version: 1',
                                     '"nope" model_version: 1'),
-                      "model 'nope' is not in the repository"),
+                      "unknown model: 'nope' is not found in the model repository"),
     "unmapped": (CHAIN.replace('value: "sum" } output_map { key: "OUTPUT0"',
                                'value: "summ" } output_map { key: "OUTPUT0"'),
                  "reads ['summ'], which no ensemble input or earlier step output provides"),

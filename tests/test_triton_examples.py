@@ -50,16 +50,6 @@ NOT_TRITON_NAME = pytest.mark.xfail(
     strict=True, raises=AssertionError,
     reason="server metadata name is 'tachyon'; the examples require 'triton' (not being built)",
 )
-NOT_TRITON_UNKNOWN_MODEL = pytest.mark.xfail(
-    strict=True, raises=AssertionError,
-    reason="an unknown model answers \"model 'x' is not in the repository\"; the examples "
-    "require Triton's \"Request for unknown model\" (not being built)",
-)
-NOT_TRITON_LOAD_UNKNOWN = pytest.mark.xfail(
-    strict=True, raises=AssertionError,
-    reason="loading an unknown model answers \"model 'x' is not in the repository\"; the "
-    "examples require Triton's \"failed to load\" (not being built)",
-)
 
 
 def _load_tool() -> ModuleType:
@@ -325,7 +315,6 @@ def test_simple_http_infer_client_compressed(http_server: RunningServer, algorit
         _assert_result(in0, in1, results)
 
 
-@NOT_TRITON_UNKNOWN_MODEL
 def test_simple_http_infer_client_wrong_model(http_server: RunningServer) -> None:
     """Mirrors the end of simple_http_infer_client.py (and simple_http_aio_infer_client.py):
     inferring on "wrong_model_name" fails with a message that starts "Request for unknown
@@ -544,7 +533,6 @@ def test_grpc_server_metadata_name(serve: Callable[[str], RunningServer], fronte
     assert client.get_server_metadata().name == "triton"
 
 
-@NOT_TRITON_UNKNOWN_MODEL
 @pytest.mark.parametrize("frontend", FRONTENDS)
 def test_grpc_metadata_of_unknown_model(
     serve: Callable[[str], RunningServer], frontend: str
@@ -592,7 +580,6 @@ def test_http_server_metadata_name(http_server: RunningServer) -> None:
     assert client.get_server_metadata()["name"] == "triton"
 
 
-@NOT_TRITON_UNKNOWN_MODEL
 def test_http_metadata_of_unknown_model(http_server: RunningServer) -> None:
     """Mirrors simple_http[_aio]_health_metadata.py: metadata of "wrong_model_name" fails with
     "Request for unknown model" in the message."""
@@ -680,11 +667,6 @@ def test_grpc_explicit_int_content_client(
     _assert_sum_diff([list(range(16))], [[1] * 16], results[0], results[1])
 
 
-@pytest.mark.xfail(
-    strict=True, raises=AssertionError,
-    reason="contents plus raw_input_contents is refused, but with \"raw_input_contents has 1 "
-    "entries, expected 2\", not Triton's message (not being built)",
-)
 @pytest.mark.parametrize("frontend", FRONTENDS)
 def test_grpc_explicit_int_content_with_raw_contents(grpc_stub: Any) -> None:
     """Mirrors the end of grpc_explicit_int_content_client.py: adding raw_input_contents for
@@ -698,11 +680,6 @@ def test_grpc_explicit_int_content_with_raw_contents(grpc_stub: Any) -> None:
             "for model 'simple'") in str(info.value), info.value
 
 
-@pytest.mark.xfail(
-    strict=True, raises=AssertionError,
-    reason="a non-numeric model_version is refused with \"version 'wrong_specification' is not "
-    "a version number\", not Triton's message (not being built)",
-)
 @pytest.mark.parametrize("frontend", FRONTENDS)
 def test_grpc_explicit_int8_content_wrong_version(grpc_stub: Any) -> None:
     """Mirrors the end of grpc_explicit_int8_content_client.py: model_version
@@ -871,7 +848,6 @@ def test_simple_http_aio_model_control(
     _run_http_aio(run)
 
 
-@NOT_TRITON_LOAD_UNKNOWN
 @pytest.mark.parametrize("frontend", FRONTENDS)
 def test_grpc_load_unknown_model(
     explicit_server: Callable[..., RunningServer], frontend: str
@@ -884,7 +860,6 @@ def test_grpc_load_unknown_model(
     assert "failed to load" in (info.value.message() or ""), info.value
 
 
-@NOT_TRITON_LOAD_UNKNOWN
 def test_http_load_unknown_model(explicit_server: Callable[..., RunningServer]) -> None:
     """Mirrors the end of simple_http[_aio]_model_control.py: loading "wrong_model_name" fails
     with "failed to load" in the message."""

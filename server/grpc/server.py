@@ -95,6 +95,13 @@ def decode_infer_request(
     message: Any, raw_contents: list[memoryview] | None = None
 ) -> InferRequest:
     raw = message.raw_input_contents if raw_contents is None else raw_contents
+    if raw:
+        for tensor in message.inputs:
+            if tensor.HasField("contents"):  # Triton's words for it
+                raise invalid(
+                    f"contents field must not be specified when using raw_input_contents for "
+                    f"'{tensor.name}' for model '{message.model_name}'"
+                )
     if raw and len(raw) != len(message.inputs):
         raise invalid(
             f"raw_input_contents has {len(raw)} entries, expected {len(message.inputs)} "

@@ -118,6 +118,8 @@ class TachyonServer:
             ):
                 log.error("a transport failed while stopping: %r", result)
         await self.manager.shutdown()
+        if self.dataplane.tracer is not None:  # export the spans still queued
+            await asyncio.to_thread(self.dataplane.tracer.shutdown)
         if self._metrics_server is not None and self._metrics_task is not None:
             self._metrics_server.should_exit = True
             with contextlib.suppress(asyncio.CancelledError):

@@ -35,6 +35,7 @@ from server.backends.base import Backend, Options
 from server.errors import Code, ServingError, exhausted, internal, invalid, unavailable
 from server.model_config import DynamicBatching, ModelSpec, QueuePolicy
 from server.statistics import ModelStats
+from server.tracing import RequestTrace
 from server.types import Array
 
 log = logging.getLogger(__name__)
@@ -50,7 +51,7 @@ class Scheduler(Protocol):
 
     async def submit(
         self, inputs: dict[str, Array], outputs: list[str], rows: int, level: int,
-        timeout_us: int, options: Options = (),
+        timeout_us: int, options: Options = (), trace: RequestTrace | None = None,
     ) -> Outputs: ...
 
     async def drain(self) -> None: ...
@@ -68,6 +69,7 @@ class _Request:
     future: asyncio.Future[Outputs]
     level: int
     options: Options = ()
+    trace: RequestTrace | None = None
     enqueued_ns: int = field(default_factory=time.monotonic_ns)
     timer: asyncio.TimerHandle | None = None
 
@@ -81,7 +83,7 @@ class _Batch:
     # filled by the instance thread
     results: list[Outputs] | None = None
     error: BaseException | None = None
-    times: tuple[int, int, int] = (0, 0, 0)
+    times: tuple[int, int, int, int] = (0, 0, 0, 0)  # compute start; input, infer, output ns
 
 
 class _Instance:
@@ -186,10 +188,12 @@ class DynamicBatcher:
         level: int | None = None,
         timeout_us: int = 0,
         options: Options = (),
+        trace: RequestTrace | None = None,
     ) -> Outputs:
         """Queue one request; returns its output rows or raises its ServingError. Requests
         share a batch only when they have the same inputs (names, in the same order, and
-        non-batch shapes) and equal `options`."""
+        non-batch shapes) and equal `options`. A traced request's queue and compute times go
+        to `trace`."""
         if self._closed:
             raise unavailable(f"model '{self.spec.name}' is unloading, retry")
         level = self._default_level if level is None else level
@@ -209,7 +213,8 @@ class DynamicBatcher:
             tuple((n, a.shape[1:]) for n, a in inputs.items()) if self._batching else ()
         )
         request = _Request(
-            inputs, outputs, rows, (shapes, options), self._loop.create_future(), level, options
+            inputs, outputs, rows, (shapes, options), self._loop.create_future(), level, options,
+            trace,
         )
         if timeout_us and policy.timeout_action_reject:
             request.timer = self._loop.call_later(timeout_us / 1e6, self._expire, request)
@@ -361,7 +366,7 @@ class DynamicBatcher:
 
     def _execute(
         self, backend: Backend, requests: list[_Request]
-    ) -> tuple[list[Outputs], tuple[int, int, int]]:
+    ) -> tuple[list[Outputs], tuple[int, int, int, int]]:
         """Instance thread: gather, execute, split."""
         t0 = time.monotonic_ns()
         if len(requests) == 1:
@@ -376,7 +381,7 @@ class DynamicBatcher:
         t2 = time.monotonic_ns()
         results = self._split(requests, names, outputs)
         t3 = time.monotonic_ns()
-        return results, (t1 - t0, t2 - t1, t3 - t2)
+        return results, (t0, t1 - t0, t2 - t1, t3 - t2)
 
     def _split(self, requests: list[_Request], names: list[str], outputs: Outputs) -> list[Outputs]:
         """Check the batch's outputs (`names`: every output a request asked for) and cut
@@ -429,9 +434,10 @@ class DynamicBatcher:
                     request.future.set_exception(error)
             return
         assert batch.results is not None
-        input_ns, infer_ns, output_ns = batch.times
+        _, input_ns, infer_ns, output_ns = batch.times
+        rows = sum(r.rows for r in requests)
         self.stats.record_batch(
-            sum(r.rows for r in requests),
+            rows,
             len(requests),
             [batch.started_ns - r.enqueued_ns for r in requests],
             input_ns,
@@ -439,6 +445,10 @@ class DynamicBatcher:
             output_ns,
         )
         for request, outputs in zip(requests, batch.results, strict=True):
+            if request.trace is not None:
+                request.trace.scheduled(
+                    self.spec.name, request.enqueued_ns, batch.started_ns, batch.times, rows
+                )
             if not request.future.done():
                 request.future.set_result(outputs)
 

@@ -7,7 +7,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from server import __version__, bench, index_build, logs, restricted, security, tls
+from server import __version__, bench, index_build, logs, restricted, security, tls, tracing
 from server.config import ServerSettings
 
 
@@ -98,6 +98,13 @@ def _serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
                    help="0: info; 1: debug, a line per request; 2: also library debug lines")
     p.add_argument("--log-format", choices=("text", "json"), default="text",
                    help="text lines, or one JSON object per line")
+    p.add_argument("--trace-config", action="append", default=[],
+                   metavar="[MODE,]SETTING=VALUE",
+                   help="request tracing, Triton's settings (repeatable): mode=opentelemetry, "
+                   "level=TIMESTAMPS, rate=N (every N-th request; 0: only requests carrying a "
+                   "traceparent), count=N, opentelemetry,url=HOST:PORT/v1/traces, "
+                   "opentelemetry,resource=KEY=VALUE, opentelemetry,bsp_schedule_delay=MS; off "
+                   "unless mode=opentelemetry and level=TIMESTAMPS")
     _security_flags(p)
 
 
@@ -172,7 +179,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 restricted.GRPC_HEADER_PREFIX,
             )
             http_restricted = restricted.parse(args.http_restricted_api, "--http-restricted-api")
-        except (tls.TlsError, restricted.RestrictionError) as exc:
+            trace = tracing.parse(args.trace_config)
+            tracing.check_installed(trace)
+        except (tls.TlsError, restricted.RestrictionError, tracing.TraceConfigError) as exc:
             print(f"tachyon: {exc}", file=sys.stderr)
             return 2
         settings = ServerSettings(
@@ -202,7 +211,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             http_tls=http_tls,
             grpc_restricted=grpc_restricted,
             http_restricted=http_restricted,
+            trace=trace,
         )
+        for warning in tracing.inert(trace):
+            print(f"tachyon: warning: {warning}", file=sys.stderr)
         problems = security.refusals(settings)
         for problem in problems:
             print(f"tachyon: {problem}", file=sys.stderr)

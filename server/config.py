@@ -7,6 +7,7 @@ from pathlib import Path
 
 from server.restricted import Restrictions
 from server.tls import TlsSettings
+from server.tracing import TraceSettings
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,4 +57,6 @@ class ServerSettings:
     http_restricted: Restrictions = field(default_factory=Restrictions)
     """--http-restricted-api: groups whose endpoints need a header."""
     server_id: str = "tachyon"
+    trace: TraceSettings = field(default_factory=TraceSettings)
+    """--trace-config: OpenTelemetry request traces (off by default, as in Triton)."""
     extra: dict[str, str] = field(default_factory=dict)

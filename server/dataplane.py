@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from server import __version__, logs
+from server import __version__, logs, tracing
 from server.backends.base import Options
 from server.config import ServerSettings
 from server.errors import Code, ServingError, invalid
@@ -70,6 +70,8 @@ class DataPlane:
         self.settings = settings
         self.manager = manager
         self.started = False  # set once the initial models are loaded
+        # None unless --trace-config turns tracing on: transports check it once per request
+        self.tracer = tracing.make_tracer(settings.trace)
 
     # -- health ---------------------------------------------------------------------------
 
@@ -124,6 +126,8 @@ class DataPlane:
             entry = self.manager.get(request.model_name, request.model_version)
         except ServingError as exc:
             log.info("request failed: %s", exc.message)
+            if request.trace is not None:
+                request.trace.finish(request.model_name, request.model_version, request.id, exc)
             raise
         spec = _spec(entry)
         start = time.monotonic_ns()
@@ -146,11 +150,15 @@ class DataPlane:
                     options = entry.backends[0].request_options(params)
                 except ValueError as exc:
                     raise invalid(str(exc)) from None
-            outputs = await batcher.submit(inputs, names, rows, level, timeout, options)
+            outputs = await batcher.submit(
+                inputs, names, rows, level, timeout, options, request.trace
+            )
         except BaseException as exc:
             reason = _failure_reason(exc)
             entry.stats.record_failure(time.monotonic_ns() - start, reason)
             _log_failure(request, reason, exc)
+            if request.trace is not None:
+                request.trace.finish(request.model_name, str(entry.version), request.id, exc)
             raise
         entry.stats.record_success(time.monotonic_ns() - start)
         if log.isEnabledFor(logging.DEBUG):

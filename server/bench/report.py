@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from server import extras
 from server.bench.results import PointResult, percentile_ns
 from server.bench.runner import Target
 
@@ -146,8 +147,8 @@ def _pyplot() -> Any:
     try:
         import matplotlib
     except ImportError:
-        print("tachyon bench: matplotlib is not installed, no plots written "
-              "(pip install 'tachyon-serve[bench]')", file=sys.stderr)
+        print(f"tachyon bench: no plots written: matplotlib {extras.needs('bench')}",
+              file=sys.stderr)
         return None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -14,6 +14,7 @@ from multiprocessing.connection import wait
 from types import TracebackType
 from typing import Any
 
+from server import extras
 from server.bench import inputs
 from server.bench.client import Command, WorkerResult, WorkerSpec, worker_main
 from server.bench.control import Control, connect
@@ -164,7 +165,10 @@ class Progress:
     requests (on a terminal only, unless asked for)."""
 
     def __init__(self, total_s: float, enabled: bool, label: str) -> None:
-        from tqdm import tqdm
+        try:
+            from tqdm import tqdm
+        except ImportError as exc:
+            raise BenchError(extras.missing("tachyon bench", "bench", exc)) from None
 
         self._label = label
         self._bar = tqdm(total=round(total_s, 1), unit="s", desc=label, file=sys.stderr,

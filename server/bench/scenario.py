@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from server import extras
 from server.bench.errors import BenchError
 
 PROTOCOLS = ("grpc", "http")
@@ -251,7 +252,7 @@ def _parse(path: Path) -> Mapping[str, Any]:
     try:
         import yaml
     except ImportError:
-        raise BenchError(f"scenario {path}: YAML scenarios need PyYAML (pip install pyyaml); "
+        raise BenchError(f"scenario {path}: YAML scenarios {extras.needs('bench')} (PyYAML); "
                          "or write it as TOML") from None
     try:
         data = yaml.safe_load(text)

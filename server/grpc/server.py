@@ -16,7 +16,7 @@ import grpc
 from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection_pb2
 
-from server import proto
+from server import proto, tracing
 from server.dataplane import DataPlane
 from server.errors import Code, ServingError, invalid
 from server.grpc._wire import bytes_field, split_bytes_field
@@ -237,8 +237,26 @@ class GrpcService:
     async def ModelInfer(self, request: bytes, context: Any) -> bytes:
         """The hot path: raw bytes in and out, parsed and serialized here (upb) rather than
         by grpc's generic (de)serializer callbacks."""
+        if self.dataplane.tracer is not None:
+            return await self._traced_infer(request, context)
         response = await self.dataplane.infer(decode_infer_bytes(request))
         return serialize_infer_response(response)
+
+    async def _traced_infer(self, request: bytes, context: Any) -> bytes:
+        """ModelInfer with a trace when the request is sampled or carries a traceparent (the
+        native front end passes no context, so its calls are sampled by rate only)."""
+        assert self.dataplane.tracer is not None
+        trace = self.dataplane.tracer.start("grpc", *tracing.grpc_traceparent(context))
+        infer_request = decode_infer_bytes(request)
+        if trace is None:
+            return serialize_infer_response(await self.dataplane.infer(infer_request))
+        infer_request.trace = trace
+        trace.received()
+        response = await self.dataplane.infer(infer_request)
+        trace.responding()
+        message = serialize_infer_response(response)
+        trace.finish(response.model_name, response.model_version, response.id)
+        return message
 
     async def ModelConfig(self, request: Any, context: Any) -> Any:
         config = self.dataplane.model_config(request.name, request.version)

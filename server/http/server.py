@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 import orjson
 import uvicorn
 from starlette.applications import Starlette
+from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
@@ -34,6 +35,8 @@ from server.http._codec import (
     encode_offloaded,
 )
 from server.statistics import Duration, ModelStats
+from server.tracing import RequestTrace
+from server.types import InferResponse
 
 log = logging.getLogger(__name__)
 
@@ -257,6 +260,10 @@ class HttpApp:
 
     async def infer(self, request: Request) -> Response:
         p = request.path_params
+        tracer = self.dataplane.tracer
+        trace = None if tracer is None else tracer.start(
+            "http", request.headers.get("traceparent"), request.headers.get("tracestate")
+        )
         body = await read_body(request, self.max_request_bytes)
         header = request.headers.get(HEADER_LENGTH)
         header_length = None
@@ -274,9 +281,14 @@ class HttpApp:
         else:
             infer_request, binary_default = decode_infer_request(*decode)
         del body  # the inputs hold views of what they need
+        if trace is not None:
+            infer_request.trace = trace
+            trace.received()
         response = await unless_disconnected(
             request.receive, self.dataplane.infer(infer_request)
         )
+        if trace is not None:
+            trace.responding()
         encode = (response, infer_request, binary_default)
         if encode_offloaded(response, infer_request, binary_default):
             content, json_length = await asyncio.to_thread(encode_infer_response, *encode)
@@ -290,7 +302,9 @@ class HttpApp:
             content = await compress(encoding, content)
             headers["Content-Encoding"] = encoding
         media_type = "application/json" if json_length is None else "application/octet-stream"
-        return Response(content, headers=headers, media_type=media_type)
+        # a traced request's span ends once Starlette has sent the answer
+        sent = None if trace is None else BackgroundTask(_trace_sent, trace, response)
+        return Response(content, headers=headers, media_type=media_type, background=sent)
 
     async def config(self, request: Request) -> Response:
         p = request.path_params
@@ -349,6 +363,10 @@ class HttpApp:
     async def unload(self, request: Request) -> Response:
         await self.dataplane.unload_model(request.path_params["model"])
         return Response(status_code=200)
+
+
+async def _trace_sent(trace: RequestTrace, response: InferResponse) -> None:
+    trace.finish(response.model_name, response.model_version, response.id)
 
 
 def make_server(

@@ -181,6 +181,12 @@ class OnnxRuntimeBackend(Backend):
                         f"but the graph's shape is {shape}"
                     )
 
+    def check_request(self, inputs: dict[str, Array]) -> None:
+        """BYTES for a string tensor must be UTF-8: checked per request, so one client's bad
+        text cannot fail the other requests of its batch."""
+        for name in self._bytes_inputs.intersection(inputs):
+            _to_str(name, inputs[name])
+
     def execute(
         self, inputs: dict[str, Array], outputs: list[str], options: Options = ()
     ) -> dict[str, Array]:

@@ -1,14 +1,19 @@
-"""What tracing costs: the digits model over gRPC and HTTP with tracing off, on for every
-request (rate=1, every span exported over OTLP/HTTP) and on at Triton's default sampling
-(rate=1000), alternated in one run.
+"""What tracing costs, two ways.
 
     python benchmarks/tracing_overhead.py [--rounds 3] [--seconds 5] [--concurrency 1,8]
 
-The spans go to an OTLP/HTTP receiver in this process on loopback, which parses each
-ExportTraceServiceRequest and counts its spans (so "on" really exported). Load comes from the
-bundled suite (`tachyon bench run --url`). Prints the command, the machine, every point, the
-medians and the on/off ratios; writes the raw numbers to
-benchmarks/results/tracing-overhead-<timestamp>.json.
+1. In process, CPU time per traced request (robust on a busy machine): the off path (the one
+   attribute check), recording a request's five spans (Tracer.start .. finish, the SDK's batch
+   processor included, exporter discarding), and encoding them as OTLP protobuf (what the
+   exporter's thread adds).
+2. End to end: the digits model over gRPC and HTTP with tracing off, on for every request
+   (rate=1, every span exported over OTLP/HTTP) and at Triton's default sampling (rate=1000),
+   alternated in one run. The spans go to an OTLP/HTTP receiver in this process on loopback,
+   which parses each ExportTraceServiceRequest and counts its spans (so "on" really
+   exported). Load comes from the bundled suite (`tachyon bench run --url`).
+
+Prints the command, the machine, every point, the medians and the on/off ratios; writes the raw
+numbers to benchmarks/results/tracing-overhead-<timestamp>.json.
 """
 
 from __future__ import annotations
@@ -78,14 +83,67 @@ def point(protocol: str, concurrency: int, seconds: float, out: Path) -> dict[st
             "p99_ms": result["latency_ms"]["p99"]}
 
 
+def micro(requests: int = 20_000) -> dict[str, float]:
+    """CPU microseconds per request: off, recording the spans, encoding them for OTLP."""
+    from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+    from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from server import tracing
+
+    class Discard(SpanExporter):
+        def export(self, spans: Any) -> SpanExportResult:
+            return SpanExportResult.SUCCESS
+
+    def record(tracer: Any) -> float:
+        started = time.process_time()
+        for _ in range(requests):
+            trace = tracer.start("grpc", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")
+            trace.received()
+            t = trace.received_ns
+            trace.scheduled("digits", t, t + 1000, (t + 2000, 100, 5000, 100), 4)
+            trace.responding()
+            trace.finish("digits", "1", "")
+        tracer.shutdown()  # the batch processor's thread finishes its work inside the clock
+        return (time.process_time() - started) / requests * 1e6
+
+    settings = tracing.parse(["mode=opentelemetry", "level=TIMESTAMPS", "rate=1",
+                              "opentelemetry,bsp_max_queue_size=200000"])
+    off_tracer = None
+    started = time.perf_counter()
+    for _ in range(requests * 10):
+        if off_tracer is not None:  # the transports' check when tracing is off
+            raise AssertionError
+    off_us = (time.perf_counter() - started) / (requests * 10) * 1e6
+    record_us = record(tracing.Tracer(settings, Discard()))
+    memory = InMemorySpanExporter()
+    record(tracing.Tracer(settings, memory))
+    spans = memory.get_finished_spans()
+    started = time.process_time()
+    for start in range(0, len(spans), 512):  # the batch processor's export batch size
+        encode_spans(spans[start:start + 512]).SerializeToString()
+    encode_us = (time.process_time() - started) / requests * 1e6
+    result = {"off_check_us": off_us, "record_us": record_us, "encode_us": encode_us,
+              "spans_per_request": len(spans) / requests}
+    print(f"in process, CPU per request: off {off_us * 1000:.0f} ns (the attribute check); "
+          f"on: {record_us:.1f} us recording {result['spans_per_request']:.0f} spans + "
+          f"{encode_us:.1f} us OTLP encoding", flush=True)
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=5)
     parser.add_argument("--concurrency", default="1,8")
     parser.add_argument("--protocols", default="grpc,http")
+    parser.add_argument("--micro-only", action="store_true", help="skip the end-to-end part")
     args = parser.parse_args()
     machine = print_header()
+    in_process = micro()
+    if args.micro_only:
+        write(machine, args, in_process, [], [])
+        return
     concurrencies = [int(c) for c in args.concurrency.split(",")]
     protocols = args.protocols.split(",")
     receiver = Receiver(("127.0.0.1", 0), Handler)
@@ -117,12 +175,17 @@ def main() -> None:
     finally:
         shutil.rmtree(work, ignore_errors=True)
         receiver.shutdown()
-    summary = summarize(rows, protocols, concurrencies)
+    write(machine, args, in_process, rows, summarize(rows, protocols, concurrencies))
+
+
+def write(machine: str, args: argparse.Namespace, in_process: dict[str, float],
+          rows: list[dict[str, Any]], summary: list[dict[str, Any]]) -> None:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     out = ROOT / "benchmarks" / "results" / f"tracing-overhead-{stamp}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"machine": machine, "command": sys.argv, "seconds": args.seconds,
-                               "rows": rows, "summary": summary}, indent=2))
+                               "in_process": in_process, "rows": rows, "summary": summary},
+                              indent=2))
     print(f"wrote {out}")
 
 

@@ -223,26 +223,35 @@ def traceparent_of(metadata: Iterable[tuple[str, Any]] | None) -> tuple[str | No
 
 
 def grpc_traceparent(context: Any) -> tuple[str | None, str | None]:
-    """The trace context a gRPC call carries: grpc.aio's invocation metadata, or None for a
-    front end that hands no metadata over (the native one's context is None)."""
+    """The trace context a gRPC call carries: grpc.aio's invocation metadata, (name, value)
+    pairs a front end passes as the context itself, or none (the native front end passes
+    None until it hands request metadata over)."""
     if context is None:
         return None, None
-    metadata = context.invocation_metadata()
-    return traceparent_of(metadata)
+    if isinstance(context, tuple | list):
+        return traceparent_of(context)
+    return traceparent_of(context.invocation_metadata())
 
 
 class Tracer:
-    """Decides which requests are traced and turns finished RequestTraces into spans."""
+    """Decides which requests are traced and turns finished RequestTraces into spans.
+
+    The spans of a request are made once it has finished, with the times it recorded, as the
+    SDK's ReadableSpans handed straight to its batch span processor: the SDK's Tracer would
+    build each one live (sampler, context, locks) only for us to end it at once, which cost
+    twice as much CPU per request here (benchmarks/tracing_overhead.py).
+    """
 
     def __init__(self, settings: TraceSettings, exporter: Any = None) -> None:
         """`exporter`: an OpenTelemetry SpanExporter (tests pass an in-memory one); default
         OTLP/HTTP to `settings.url`."""
         try:
             from opentelemetry import trace
+            from opentelemetry.sdk import trace as sdk
             from opentelemetry.sdk.resources import Resource
-            from opentelemetry.sdk.trace import TracerProvider
             from opentelemetry.sdk.trace.export import BatchSpanProcessor
-            from opentelemetry.sdk.trace.sampling import ALWAYS_ON
+            from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
+            from opentelemetry.sdk.util.instrumentation import InstrumentationScope
             from opentelemetry.trace.propagation.tracecontext import (
                 TraceContextTextMapPropagator,
             )
@@ -257,21 +266,19 @@ class Tracer:
         self.settings = settings
         attributes: dict[str, str] = {"service.name": "tachyon"}
         attributes.update(settings.resource)
-        # the sampling decision is ours (rate, count, a propagated context), so every span the
-        # SDK sees is recorded: ALWAYS_ON, not the default that follows the parent's flag
-        self._provider = TracerProvider(
-            sampler=ALWAYS_ON, resource=Resource.create(attributes), shutdown_on_exit=False
-        )
-        self._provider.add_span_processor(BatchSpanProcessor(
+        self._resource = Resource.create(attributes)  # also reads OTEL_RESOURCE_ATTRIBUTES
+        self._scope = InstrumentationScope("tachyon")
+        self._processor = BatchSpanProcessor(
             exporter,
             max_queue_size=settings.bsp_max_queue_size,
             schedule_delay_millis=settings.bsp_schedule_delay_ms,
             max_export_batch_size=settings.bsp_max_export_batch_size,
-        ))
-        self._tracer = self._provider.get_tracer("tachyon")
+        )
+        self._otel = trace
+        self._sdk = sdk
+        self._ids = RandomIdGenerator()
+        self._sampled_flags = trace.TraceFlags(trace.TraceFlags.SAMPLED)
         self._propagator = TraceContextTextMapPropagator()
-        self._in_context = trace.set_span_in_context
-        self._server_kind = trace.SpanKind.SERVER
         self._seen = itertools.count(1)
         self._remaining = settings.count
         which = (
@@ -292,11 +299,12 @@ class Tracer:
             carrier = {TRACEPARENT: traceparent}
             if tracestate is not None:
                 carrier[TRACESTATE] = tracestate
-            parent = self._propagator.extract(carrier)
-        if parent is None or not parent:  # no (valid) propagated context: sample by rate
-            if not self._sampled():
-                return None
-            parent = None
+            context = self._propagator.extract(carrier)
+            parent = self._otel.get_current_span(context).get_span_context()
+            if not parent.is_valid:
+                parent = None
+        if parent is None and not self._sampled():  # no (valid) context: sample by rate
+            return None
         return RequestTrace(self, parent, protocol, start_ns)
 
     def _sampled(self) -> bool:
@@ -308,30 +316,34 @@ class Tracer:
         return True
 
     def record(self, trace: RequestTrace, attributes: Mapping[str, Any], error: str | None) -> None:
-        """Builds and ends the spans of a finished request (event loop thread)."""
-        from opentelemetry.trace import Status, StatusCode
-
-        to_wall = trace.wall_offset
-        tracer = self._tracer
-        root = tracer.start_span(
-            "InferRequest", context=trace.parent, kind=self._server_kind, attributes=attributes,
-            start_time=trace.start_ns + to_wall,
-        )
-        context = self._in_context(root)
+        """Makes the spans of a finished request and queues them for export (event loop)."""
+        otel, sdk, ids, to_wall = self._otel, self._sdk, self._ids, trace.wall_offset
+        parent = trace.parent
+        trace_id = parent.trace_id if parent is not None else ids.generate_trace_id()
+        state = parent.trace_state if parent is not None else None
+        flags = self._sampled_flags
+        root = otel.SpanContext(trace_id, ids.generate_span_id(), False, flags, state)
+        on_end = self._processor.on_end
         for name, start, end, span_attributes, events in trace.children():
-            span = tracer.start_span(
-                name, context=context, attributes=span_attributes, start_time=start + to_wall
-            )
-            for event, at in events:
-                span.add_event(event, timestamp=at + to_wall)
-            span.end(end_time=end + to_wall)
-        if error is not None:
-            root.set_status(Status(StatusCode.ERROR, error))
-        root.end(end_time=trace.end_ns + to_wall)
+            on_end(sdk.ReadableSpan(
+                name, otel.SpanContext(trace_id, ids.generate_span_id(), False, flags, state),
+                root, self._resource, span_attributes,
+                [sdk.Event(event, None, at + to_wall) for event, at in events],
+                instrumentation_scope=self._scope, start_time=start + to_wall,
+                end_time=end + to_wall,
+            ))
+        status = otel.Status(
+            otel.StatusCode.ERROR if error is not None else otel.StatusCode.UNSET, error
+        )
+        on_end(sdk.ReadableSpan(
+            "InferRequest", root, parent, self._resource, attributes,
+            kind=otel.SpanKind.SERVER, status=status, instrumentation_scope=self._scope,
+            start_time=trace.start_ns + to_wall, end_time=trace.end_ns + to_wall,
+        ))
 
     def shutdown(self) -> None:
         """Exports what is queued and stops the exporter thread."""
-        self._provider.shutdown()
+        self._processor.shutdown()
 
 
 @dataclass(slots=True)

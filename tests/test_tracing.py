@@ -348,3 +348,14 @@ def test_native_grpc_front_end_traces(
     else:
         assert root["parent"] == ""
     assert server.stop() == 0
+
+
+def test_grpc_trace_context_from_metadata() -> None:
+    class Context:
+        def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
+            return (("x-other", "1"), ("traceparent", traceparent()), ("tracestate", "a=b"))
+
+    assert tracing.grpc_traceparent(None) == (None, None)
+    assert tracing.grpc_traceparent(Context()) == (traceparent(), "a=b")
+    assert tracing.grpc_traceparent((("traceparent", traceparent().encode()),)) == (
+        traceparent(), None)

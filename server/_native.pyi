@@ -54,8 +54,42 @@ def bytes_sizes(buf: Buffer) -> int:
     Raises ValueError exactly as ``decode_bytes(buf, -1)`` does.
     """
 
+class GrpcKeepalive:
+    """Keepalive and PING policy of every connection of a ``GrpcFrontend``: Triton's
+    ``--grpc-keepalive-*`` / ``--grpc-http2-*`` flags with grpc-core's server semantics.
+
+    A PING ``time_ms`` after the client was last heard from (only while calls are open unless
+    ``permit_without_calls``; at most ``max_pings_without_data`` of them without HEADERS or DATA
+    sent in between, 0: any number); no answer within ``timeout_ms`` closes the connection.
+    A client PING sooner than ``min_recv_ping_interval_without_data_ms`` after its previous one
+    (2 hours without calls unless ``permit_without_calls``) is a strike; more than
+    ``max_ping_strikes`` (0: any number) earn GOAWAY(ENHANCE_YOUR_CALM, "too_many_pings").
+    ValueError for a time or timeout under 1 ms or a negative limit."""
+
+    def __init__(
+        self,
+        time_ms: int = 7_200_000,
+        timeout_ms: int = 20_000,
+        permit_without_calls: bool = False,
+        max_pings_without_data: int = 2,
+        min_recv_ping_interval_without_data_ms: int = 300_000,
+        max_ping_strikes: int = 2,
+    ) -> None: ...
+    @property
+    def time_ms(self) -> int: ...
+    @property
+    def timeout_ms(self) -> int: ...
+    @property
+    def permit_without_calls(self) -> bool: ...
+    @property
+    def max_pings_without_data(self) -> int: ...
+    @property
+    def min_recv_ping_interval_without_data_ms(self) -> int: ...
+    @property
+    def max_ping_strikes(self) -> int: ...
+
 class GrpcFrontend:
-    """A gRPC server transport (cleartext HTTP/2 on nghttp2) on its own I/O thread.
+    """A gRPC server transport (HTTP/2 on nghttp2, cleartext or TLS) on its own I/O thread.
 
     Only present when ``HAVE_GRPC_FRONTEND``. The I/O thread accepts connections, reads whole
     calls and queues them as ready items, announced on ``fileno()``; the application drains
@@ -80,16 +114,50 @@ class GrpcFrontend:
         service: str = "inference.GRPCInferenceService",
         streaming_methods: Sequence[str] = ("ModelStreamInfer",),
         extra_services: Sequence[str] = (),
+        metadata_prefixes: Sequence[str] = (),
+        server_cert: str = "",
+        server_key: str = "",
+        root_cert: str = "",
+        mutual: bool = False,
+        tls_handshake_timeout_s: float = 10.0,
+        reuse_port: bool = False,
+        max_connections: int = 10_000,
+        max_buffered_bytes: int = 0,
+        max_connection_buffered_bytes: int = 0,
+        keepalive: GrpcKeepalive = ...,
     ) -> None:
         """Configure; nothing is opened until ``start()``. ValueError for a port outside
         0..65535, a zero ``max_message_bytes`` or a service name with a '/'. Calls to paths
         other than ``/<service>/<method>`` and ``/<extra service>/<method>`` are answered
         UNIMPLEMENTED natively. ``streaming_methods`` (named as ``take()`` names them) are
-        delivered message by message then half-closed, whatever their streaming kind."""
+        delivered message by message then half-closed, whatever their streaming kind.
+
+        Request headers whose names start with one of ``metadata_prefixes`` (e.g.
+        "triton-grpc-protocol-") reach ``take()`` with the call's first item; a call with more
+        than 64 of them or 8 KiB in all is answered RESOURCE_EXHAUSTED natively.
+
+        TLS: with ``server_cert`` and ``server_key`` (PEM files; the key not encrypted) every
+        connection is TLS 1.2 or later, negotiated without blocking on the I/O thread; a
+        client must offer ALPN "h2" and finish its handshake within ``tls_handshake_timeout_s``
+        (0 < s <= 3600), else it is disconnected. ``mutual`` also requires a client
+        certificate that chains to ``root_cert``. ValueError when a file does not load (naming
+        it and OpenSSL's reason) or the arguments disagree (a key without a certificate,
+        ``mutual`` without a root).
+
+        Limits: ``reuse_port`` sets SO_REUSEPORT (other processes may bind the port too).
+        Connections beyond ``max_connections`` (0: no limit) are closed at once with
+        GOAWAY(ENHANCE_YOUR_CALM, "too many connections"). Request bytes held for ``take()``
+        (messages arriving, complete ones not taken) are bounded in all by
+        ``max_buffered_bytes`` and per connection by ``max_connection_buffered_bytes`` (0:
+        4x / 2x ``max_message_bytes``, at least 256 / 16 MiB); beyond them a connection is
+        not read until ``take()`` drains (a connection holding under 1 MiB is always read).
+        Flow-control windows are given back as ``take()`` takes the bytes, so a client sending
+        faster than the application takes calls is stopped by them. ``keepalive``: the PING
+        policy (default: Triton's)."""
 
     def start(self) -> None:
-        """Bind (SO_REUSEADDR, SO_REUSEPORT), listen and start the I/O thread. OSError when
-        the address cannot be bound; RuntimeError when called twice."""
+        """Bind (SO_REUSEADDR; SO_REUSEPORT with ``reuse_port``), listen and start the I/O
+        thread. OSError when the address cannot be bound; RuntimeError when called twice."""
 
     @property
     def port(self) -> int:
@@ -98,8 +166,11 @@ class GrpcFrontend:
     def fileno(self) -> int:
         """An eventfd that is readable while ready items wait; ``take()`` resets it."""
 
-    def take(self) -> list[tuple[int, str, bytes, int]]:
-        """Drain the ready items, without blocking: ``(call_id, method, message, kind)``.
+    def take(
+        self,
+    ) -> list[tuple[int, str, bytes, int, tuple[tuple[str, str], ...] | None]]:
+        """Drain the ready items, without blocking: ``(call_id, method, message, kind,
+        metadata)``.
 
         ``method`` is the RPC name without the service for the primary service
         ("ModelInfer"), ``"<service>/<method>"`` for an extra one
@@ -108,7 +179,11 @@ class GrpcFrontend:
         half-closed (finish it with ``respond()`` once answered; ``send_stream()`` still works
         until then); 3 the call is gone (client reset or disconnected, its grpc-timeout passed,
         or failed in the transport): forget it, responses to it are dropped. ``message`` is
-        empty for kinds 2 and 3.
+        empty for kinds 2 and 3. ``metadata``: on a call's first item (whatever its kind but
+        3), the request headers named by ``metadata_prefixes``, ``((name, value), ...)`` as
+        latin-1 str in arrival order, ``()`` when none; None on every later item, so a stream
+        item whose call is unknown and whose metadata is None belongs to a call already
+        answered.
         """
 
     def respond(self, items: Sequence[tuple[int, bytes | None, int, str]]) -> None:
@@ -137,3 +212,16 @@ class GrpcFrontend:
 
     def active_calls(self) -> int:
         """Calls whose HTTP/2 stream is open (received and not yet closed)."""
+
+    def failure(self) -> str | None:
+        """Why the I/O thread stopped on its own (an exception escaped its loop, epoll
+        failed; ``fileno()`` turns readable when it does), or None. After a failure nothing is
+        served: the application should exit."""
+
+    def stats(self) -> dict[str, int]:
+        """As of the I/O thread's last turn: ``connections`` (open, closing included),
+        ``paused_connections`` (not read until ``take()`` drains them), ``buffered_bytes``
+        (request bytes held for ``take()``)."""
+
+    def inject_failure(self, message: str) -> None:
+        """For tests: the I/O thread fails with ``message`` on its next turn."""

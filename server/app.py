@@ -50,9 +50,11 @@ class TachyonServer:
         self._metrics_server: uvicorn.Server | None = None
         self._metrics_task: asyncio.Task[None] | None = None
         self._stopped = asyncio.Event()
+        self._stop_requested = asyncio.Event()
+        self._failure: str | None = None  # a transport died: stop, then exit non-zero
 
     async def start(self) -> None:
-        security.check(self.settings)  # refuses TLS or restrictions a transport cannot honour
+        security.check(self.settings)  # refuses settings a transport cannot honour
         failures = await self.manager.start()
         if failures and self.settings.exit_on_error:
             await self.manager.shutdown()
@@ -60,13 +62,18 @@ class TachyonServer:
         self.dataplane.started = True
         s = self.settings
         if s.allow_grpc and s.grpc_frontend == "native":
-            self._grpc = await native_frontend.start(
-                self.dataplane, s.host, s.grpc_port, s.max_request_bytes, self.health
+            native = await native_frontend.start(
+                self.dataplane, s.host, s.grpc_port, s.max_request_bytes, self.health,
+                tls_settings=s.grpc_tls, restrictions=s.grpc_restricted,
+                connections=s.grpc_connections, on_failure=self._transport_failed,
             )
+            self.dataplane.add_liveness_check(lambda: native.failure() is None)
+            self._grpc = native
         elif s.allow_grpc:
             self._grpc = await grpc_server.start(
                 self.dataplane, s.host, s.grpc_port, s.max_request_bytes, self.health,
                 tls_settings=s.grpc_tls, restrictions=s.grpc_restricted,
+                connections=s.grpc_connections,
             )
         if s.allow_http:
             http = http_server.make_server(self.dataplane, s.host, s.http_port, s.max_request_bytes)
@@ -126,19 +133,39 @@ class TachyonServer:
                 await self._metrics_task
         self._stopped.set()
 
+    @property
+    def grpc(self) -> grpc.aio.Server | native_frontend.NativeGrpcServer | None:
+        """The gRPC transport once started (None before, or with --allow-grpc false)."""
+        return self._grpc
+
+    def _transport_failed(self, why: str) -> None:
+        """A transport cannot serve any more (the native gRPC I/O thread died): not live,
+        and the server stops as on SIGTERM, then exits non-zero."""
+        self._failure = why
+        self._stop_requested.set()
+
     async def run_until_signal(self) -> None:
-        await self.start()
+        """Serves until SIGINT or SIGTERM; raises TransportFailed once stopped if a transport
+        died meanwhile."""
+        # Handlers first: a SIGTERM that arrives while the ports open (they answer before
+        # start() returns) stops the server once started instead of killing it outright.
         loop = asyncio.get_running_loop()
-        stop = asyncio.Event()
         for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        await stop.wait()
+            loop.add_signal_handler(sig, self._stop_requested.set)
+        await self.start()
+        await self._stop_requested.wait()
         log.info(
             "shutting down: not ready, refusing new calls, finishing admitted requests "
             "(up to %gs)", self.settings.exit_timeout_secs
         )
         await self.stop()
         log.info("stopped")
+        if self._failure is not None:
+            raise TransportFailed(self._failure)
+
+
+class TransportFailed(Exception):
+    """A transport stopped serving on its own; the server stopped and exits non-zero."""
 
 
 def run(settings: ServerSettings) -> None:
@@ -152,4 +179,7 @@ def run(settings: ServerSettings) -> None:
         runner(TachyonServer(settings).run_until_signal())
     except StartupError as exc:  # --exit-on-error: the reasons, then a non-zero exit
         log.critical("%s", exc)
+        raise SystemExit(1) from None
+    except TransportFailed as exc:
+        log.critical("exiting: a transport failed: %s", exc)
         raise SystemExit(1) from None

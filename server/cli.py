@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from server import __version__, bench, index_build, logs, restricted, security, tls, tracing
-from server.config import ServerSettings
+from server.config import GrpcConnections, ServerSettings
 
 
 def _bool(value: str) -> bool:
@@ -33,7 +33,8 @@ def _buckets(value: str) -> tuple[float, ...]:
 
 
 def _default_frontend() -> str:
-    """The native gRPC front end when this build has it (nghttp2 was found), else grpc.aio."""
+    """The native gRPC front end when this build has it (nghttp2, zlib and OpenSSL were found),
+    else grpc.aio."""
     from server import _native
 
     return "native" if getattr(_native, "HAVE_GRPC_FRONTEND", False) else "grpcio"
@@ -56,7 +57,7 @@ def _serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
                    help="Prometheus metrics port (/metrics)")
     p.add_argument("--grpc-frontend", choices=("native", "grpcio"), default=_default_frontend(),
                    help="gRPC transport: native (HTTP/2 on nghttp2 in a C++ I/O thread, about 2x "
-                   "grpc.aio's throughput; no TLS or compression) or grpcio (grpc.aio)")
+                   "grpc.aio's throughput) or grpcio (grpc.aio)")
     p.add_argument("--allow-http", type=_bool, default=True, metavar="BOOL",
                    help="serve HTTP/REST")
     p.add_argument("--allow-grpc", type=_bool, default=True, metavar="BOOL", help="serve gRPC")
@@ -106,6 +107,67 @@ def _serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
                    "opentelemetry,resource=KEY=VALUE, opentelemetry,bsp_schedule_delay=MS; off "
                    "unless mode=opentelemetry and level=TIMESTAMPS")
     _security_flags(p)
+    _grpc_connection_flags(p)
+
+
+def _at_least(low: int) -> Callable[[str], int]:
+    def parse(value: str) -> int:
+        try:
+            number = int(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {value!r}") from None
+        if number < low:
+            raise argparse.ArgumentTypeError(f"expected at least {low}, got {number}")
+        return number
+
+    return parse
+
+
+def _grpc_connection_flags(p: argparse.ArgumentParser) -> None:
+    """Triton's --reuse-grpc-port and keepalive flags (grpc-core's channel arguments, same
+    defaults), and --grpc-max-connections; both gRPC front ends honour them."""
+    d = GrpcConnections()
+    p.add_argument("--reuse-grpc-port", type=_bool, nargs="?", const=True, default=d.reuse_port,
+                   metavar="BOOL", help="SO_REUSEPORT: let other servers that set it listen on "
+                   "the same gRPC port (the kernel spreads connections among them)")
+    p.add_argument("--grpc-max-connections", type=_at_least(0), default=d.max_connections,
+                   metavar="N", help="gRPC connections beyond this many are closed at once "
+                   "(native: GOAWAY ENHANCE_YOUR_CALM 'too many connections'); 0: no limit")
+    p.add_argument("--grpc-keepalive-time", type=_at_least(1), default=d.keepalive_time_ms,
+                   metavar="MS", help="a keepalive PING this long after the client was last "
+                   "heard from")
+    p.add_argument("--grpc-keepalive-timeout", type=_at_least(1),
+                   default=d.keepalive_timeout_ms, metavar="MS",
+                   help="close a connection whose keepalive PING is not answered this long")
+    p.add_argument("--grpc-keepalive-permit-without-calls", type=_bool, nargs="?", const=True,
+                   default=d.keepalive_permit_without_calls, metavar="BOOL",
+                   help="keepalive PINGs also without calls in flight (ours, and the client's "
+                   "without counting strikes)")
+    p.add_argument("--grpc-http2-max-pings-without-data", type=_at_least(0),
+                   default=d.http2_max_pings_without_data, metavar="N",
+                   help="keepalive PINGs sent with no data or headers in between; 0: no limit")
+    p.add_argument("--grpc-http2-min-recv-ping-interval-without-data", type=_at_least(0),
+                   default=d.http2_min_recv_ping_interval_without_data_ms, metavar="MS",
+                   help="a client PING sooner than this after its previous one is a strike")
+    p.add_argument("--grpc-http2-max-ping-strikes", type=_at_least(0),
+                   default=d.http2_max_ping_strikes, metavar="N",
+                   help="more strikes earn GOAWAY(ENHANCE_YOUR_CALM, 'too_many_pings') and the "
+                   "connection closes; 0: any number")
+
+
+def _grpc_connections(args: argparse.Namespace) -> GrpcConnections:
+    return GrpcConnections(
+        reuse_port=args.reuse_grpc_port,
+        max_connections=args.grpc_max_connections,
+        keepalive_time_ms=args.grpc_keepalive_time,
+        keepalive_timeout_ms=args.grpc_keepalive_timeout,
+        keepalive_permit_without_calls=args.grpc_keepalive_permit_without_calls,
+        http2_max_pings_without_data=args.grpc_http2_max_pings_without_data,
+        http2_min_recv_ping_interval_without_data_ms=(
+            args.grpc_http2_min_recv_ping_interval_without_data
+        ),
+        http2_max_ping_strikes=args.grpc_http2_max_ping_strikes,
+    )
 
 
 def _security_flags(p: argparse.ArgumentParser) -> None:
@@ -212,6 +274,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             grpc_restricted=grpc_restricted,
             http_restricted=http_restricted,
             trace=trace,
+            grpc_connections=_grpc_connections(args),
         )
         for warning in tracing.inert(trace):
             print(f"tachyon: warning: {warning}", file=sys.stderr)

@@ -11,6 +11,45 @@ from server.tracing import TraceSettings
 
 
 @dataclass(frozen=True, slots=True)
+class GrpcConnections:
+    """How both gRPC transports treat connections: Triton's --reuse-grpc-port and keepalive
+    flags (grpc-core's channel arguments, with Triton's defaults), and --grpc-max-connections."""
+
+    reuse_port: bool = False
+    """SO_REUSEPORT: other processes may serve the same port (Triton's --reuse-grpc-port)."""
+    max_connections: int = 10_000
+    """More connections are closed at once (native: GOAWAY ENHANCE_YOUR_CALM); 0: no limit."""
+    keepalive_time_ms: int = 7_200_000
+    """A keepalive PING this long after the client was last heard from."""
+    keepalive_timeout_ms: int = 20_000
+    """No acknowledgement this long after a keepalive PING closes the connection."""
+    keepalive_permit_without_calls: bool = False
+    """Keepalive PINGs (ours, and the client's without strikes) also without calls in flight."""
+    http2_max_pings_without_data: int = 2
+    """Keepalive PINGs sent with no HEADERS or DATA in between; 0: no limit."""
+    http2_min_recv_ping_interval_without_data_ms: int = 300_000
+    """A client PING sooner than this after its previous one is a strike."""
+    http2_max_ping_strikes: int = 2
+    """More strikes earn GOAWAY(ENHANCE_YOUR_CALM, "too_many_pings"); 0: any number."""
+
+    def grpc_options(self) -> list[tuple[str, int]]:
+        """The same policy as grpc.aio server options (grpc-core channel arguments)."""
+        return [
+            ("grpc.so_reuseport", int(self.reuse_port)),
+            ("grpc.max_allowed_incoming_connections", self.max_connections or 2**31 - 1),
+            # As the native front end; also what grpc-core's rapid-reset defence counts against.
+            ("grpc.max_concurrent_streams", 1024),
+            ("grpc.keepalive_time_ms", self.keepalive_time_ms),
+            ("grpc.keepalive_timeout_ms", self.keepalive_timeout_ms),
+            ("grpc.keepalive_permit_without_calls", int(self.keepalive_permit_without_calls)),
+            ("grpc.http2.max_pings_without_data", self.http2_max_pings_without_data),
+            ("grpc.http2.min_ping_interval_without_data_ms",
+             self.http2_min_recv_ping_interval_without_data_ms),
+            ("grpc.http2.max_ping_strikes", self.http2_max_ping_strikes),
+        ]
+
+
+@dataclass(frozen=True, slots=True)
 class ServerSettings:
     model_repository: Path
     host: str = "0.0.0.0"
@@ -56,6 +95,8 @@ class ServerSettings:
     (grpc.aio only)."""
     http_restricted: Restrictions = field(default_factory=Restrictions)
     """--http-restricted-api: groups whose endpoints need a header."""
+    grpc_connections: GrpcConnections = field(default_factory=GrpcConnections)
+    """--reuse-grpc-port, --grpc-max-connections and the keepalive flags, for both transports."""
     server_id: str = "tachyon"
     trace: TraceSettings = field(default_factory=TraceSettings)
     """--trace-config: OpenTelemetry request traces (off by default, as in Triton)."""

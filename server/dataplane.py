@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -72,11 +72,17 @@ class DataPlane:
         self.started = False  # set once the initial models are loaded
         # None unless --trace-config turns tracing on: transports check it once per request
         self.tracer = tracing.make_tracer(settings.trace)
+        self._liveness: list[Callable[[], bool]] = []
 
     # -- health ---------------------------------------------------------------------------
 
+    def add_liveness_check(self, check: Callable[[], bool]) -> None:
+        """Live only while every check added holds (e.g. a transport whose I/O thread died
+        fails its check)."""
+        self._liveness.append(check)
+
     def live(self) -> bool:
-        return True
+        return all(check() for check in self._liveness)
 
     def ready(self) -> bool:
         """Ready once startup loading finished (and until shutdown starts). With strict

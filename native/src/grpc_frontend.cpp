@@ -2,6 +2,10 @@
 
 #include "grpc_compression.hpp"
 #include "grpc_wire.hpp"
+#include "http2_limits.hpp"
+#include "keepalive.hpp"
+#include "request_budget.hpp"
+#include "tls.hpp"
 #include "unique_fd.hpp"
 
 #include <nghttp2/nghttp2.h>
@@ -22,11 +26,13 @@
 #include <condition_variable>
 #include <cstdio>
 #include <cstring>
+#include <deque>
 #include <exception>
 #include <functional>
 #include <iterator>
 #include <mutex>
 #include <new>
+#include <optional>
 #include <stdexcept>
 #include <string_view>
 #include <system_error>
@@ -38,9 +44,17 @@ namespace tachyon::grpc {
 namespace {
 
 // Advertised to every client. Large windows (per stream and per connection) let a client send a
-// whole multi-megabyte request without waiting for WINDOW_UPDATE round trips.
+// whole multi-megabyte request without waiting for WINDOW_UPDATE round trips. The windows are
+// given back (nghttp2_session_consume) as the application takes what arrived, not as it arrives,
+// so a client that sends faster than the application takes calls is stopped by them.
 constexpr std::uint32_t kMaxConcurrentStreams = 1024;
 constexpr std::int32_t kWindowBytes = 16 << 20;
+// take() wakes the I/O thread to give windows back once this much was taken since it last did
+// (or at once while a connection waits for the budget); less waits for its next turn.
+constexpr std::size_t kWakeOnTakeBytes = kWindowBytes / 4;
+// accept() out of file descriptors (EMFILE, ENFILE) or memory: the listener rests this long
+// instead of spinning on a readiness it cannot act on.
+constexpr std::chrono::milliseconds kAcceptBackoff{100};
 
 constexpr std::size_t kReadChunk = 256 * 1024;
 // A connection reads at most this many chunks per wakeup; epoll is level-triggered, so the rest
@@ -55,6 +69,7 @@ constexpr std::size_t kKeepCapacity = 1 << 20;
 // this long without an acknowledgement.
 constexpr std::chrono::milliseconds kFinalGoawayAfter{1000};
 constexpr std::uint8_t kShutdownPing[8] = {'t', 'a', 'c', 'h', 'y', 'o', 'n', 0};
+constexpr std::uint8_t kKeepalivePing[8] = {'t', 'a', 'c', 'h', 'y', 'o', 'n', 1};
 // A connection that ended cleanly half-closes (FIN) and reads what the client still sends for
 // at most this long before closing, so that no RST can destroy answers it has not read yet.
 constexpr std::chrono::milliseconds kLingerFor{2000};
@@ -81,6 +96,10 @@ struct CallbacksDeleter {
 };
 using SessionPtr = std::unique_ptr<nghttp2_session, SessionDeleter>;
 using CallbacksPtr = std::unique_ptr<nghttp2_session_callbacks, CallbacksDeleter>;
+struct OptionDeleter {
+  void operator()(nghttp2_option* o) const { nghttp2_option_del(o); }
+};
+using OptionPtr = std::unique_ptr<nghttp2_option, OptionDeleter>;
 
 void signal_eventfd(int fd) {
   const std::uint64_t one = 1;
@@ -109,6 +128,17 @@ nghttp2_nv header(std::string_view name, std::string_view value) {
 }
 
 struct Connection;
+
+BudgetLimits budget_for(const FrontendOptions& options) {
+  BudgetLimits limits = default_budget(options.max_message_bytes);
+  if (options.max_buffered_bytes != 0) {
+    limits.total = options.max_buffered_bytes;
+  }
+  if (options.max_connection_buffered_bytes != 0) {
+    limits.per_connection = options.max_connection_buffered_bytes;
+  }
+  return limits;
+}
 
 // Runs a body of an nghttp2 callback: no exception may cross into C. One that escapes is a
 // connection error (nghttp2 then fails the session and the connection is closed).
@@ -148,6 +178,10 @@ struct Call {
   std::string accept_encoding;  // grpc-accept-encoding
   std::string timeout;          // grpc-timeout
   bool has_timeout = false;
+  std::vector<std::pair<std::string, std::string>> metadata;  // kept for the application
+  HeaderList header_list;  // over its limits: refused (RESOURCE_EXHAUSTED), fields not stored
+  std::size_t metadata_bytes = 0;
+  bool metadata_overflow = false;  // over kMaxMetadataEntries or kMaxMetadataBytes: refused
 
   // Request side.
   std::string method;  // RPC name, set once the headers validate
@@ -155,6 +189,11 @@ struct Call {
   grpc_wire::MessageReader reader;
   std::string unary_message;
   bool has_message = false;
+  // DATA bytes received and not yet given back to the client's windows (nghttp2_session_consume).
+  std::size_t unconsumed = 0;
+  // Bytes of the message in progress held back while the connection has messages the
+  // application has not taken (Connection::untaken); given back once it took them all.
+  std::size_t owed = 0;
   bool delivered = false;      // the application has been told about this call
   bool done = false;           // the final status is decided; later input and responses dropped
 
@@ -173,14 +212,29 @@ struct Connection {
   std::uint64_t tag = 0;
   UniqueFd fd;
   GrpcFrontend::Loop* loop = nullptr;
+  std::unique_ptr<tls::Session> tls;  // null for cleartext HTTP/2
   // Declared after `calls`, so destroyed first: nghttp2 may point at calls until it is gone.
   std::unordered_map<std::int32_t, std::unique_ptr<Call>> calls;
   SessionPtr session;
-  std::string wbuf;  // bytes taken from nghttp2, not yet accepted by the socket
+  std::string wbuf;  // bytes from nghttp2 (encrypted, with TLS) not yet accepted by the socket
   std::size_t woff = 0;
   bool epollout = false;  // EPOLLOUT is in the interest set
+  std::uint32_t events = EPOLLIN;  // the interest set (update_events())
   bool dirty = false;     // on the loop's flush list
   bool dead = false;      // close at the end of this turn
+  // Request bytes this connection holds for the application (RequestBudget); over the budget it
+  // is `paused`: not read (no EPOLLIN) until the application takes them.
+  std::size_t held = 0;
+  bool paused = false;
+  Clock::time_point paused_since;
+  std::size_t untaken = 0;  // items handed over (credits) the application has not taken yet
+  std::size_t owing = 0;    // calls with Call::owed bytes
+  // GOAWAY(ENHANCE_YOUR_CALM) submitted: nothing more is read; closed once it is flushed.
+  bool calm = false;
+  Clock::time_point calm_until;
+  ResetRate resets;
+  std::uint32_t continuations = 0;  // CONTINUATION frames since the last HEADERS
+  std::optional<Keepalive> keepalive;
   // Finished cleanly: session and calls released, our side half-closed; reads are discarded
   // until the client closes or linger_until.
   bool lingering = false;
@@ -197,6 +251,15 @@ struct Connection {
   }
 };
 
+// Request bytes the application has been handed and not yet taken: `memory` held in the
+// budget, `wire` bytes of the stream's DATA not yet given back to the windows.
+struct Credit {
+  std::uint64_t conn;  // Connection::tag
+  std::int32_t stream_id;
+  std::size_t memory;
+  std::size_t wire;
+};
+
 }  // namespace
 
 // The I/O thread and everything it owns. Members under "shared" are guarded by mu_; the rest
@@ -204,11 +267,17 @@ struct Connection {
 class GrpcFrontend::Loop {
  public:
   explicit Loop(FrontendOptions options)
-      : options_(std::move(options)), notify_fd_(make_eventfd()), wake_fd_(make_eventfd()) {
+      : options_(std::move(options)),
+        notify_fd_(make_eventfd()),
+        wake_fd_(make_eventfd()),
+        budget_(budget_for(options_)) {
     prefix_ = "/" + options_.service + "/";
     services_ = options_.service;
     for (const std::string& extra : options_.extra_services) {
       services_ += ", " + extra;
+    }
+    if (options_.tls.enabled()) {
+      tls_ = std::make_unique<tls::ServerContext>(options_.tls);
     }
   }
 
@@ -239,15 +308,44 @@ class GrpcFrontend::Loop {
   int notify_fd() const { return notify_fd_.get(); }
 
   void take(std::vector<ReadyItem>& out) {
-    std::lock_guard<std::mutex> lock(mu_);
-    if (out.empty()) {
-      out.swap(ready_);
-    } else {
-      std::move(ready_.begin(), ready_.end(), std::back_inserter(out));
-      ready_.clear();
+    bool wake = false;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (out.empty()) {
+        out.swap(ready_);
+      } else {
+        std::move(ready_.begin(), ready_.end(), std::back_inserter(out));
+        ready_.clear();
+      }
+      // The taken bytes are settled by the I/O thread on its next turn: at once when a
+      // connection waits for the budget or enough window is due back, else whenever it wakes.
+      if (!credits_pending_.empty()) {
+        credits_taken_.insert(credits_taken_.end(), credits_pending_.begin(),
+                              credits_pending_.end());
+        credits_pending_.clear();
+        taken_wire_ += pending_wire_;
+        pending_wire_ = 0;
+        wake = wake_on_take_ || taken_wire_ >= kWakeOnTakeBytes;
+      }
+      // Reset under the lock that publish() signals under: readable exactly while items wait.
+      drain_eventfd(notify_fd_.get());
     }
-    // Reset under the lock that publish() signals under: readable exactly while items wait.
-    drain_eventfd(notify_fd_.get());
+    if (wake) {
+      signal_eventfd(wake_fd_.get());
+    }
+  }
+
+  std::string failure() const {
+    std::lock_guard<std::mutex> lock(mu_);
+    return failure_;
+  }
+
+  void inject_failure(std::string message) {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      injected_failure_ = message.empty() ? "injected failure" : std::move(message);
+    }
+    signal_eventfd(wake_fd_.get());
   }
 
   void respond(std::vector<Response>&& responses) {
@@ -301,11 +399,24 @@ class GrpcFrontend::Loop {
 
   std::size_t active_calls() const { return active_calls_.load(std::memory_order_relaxed); }
 
+  FrontendStats stats() const {
+    FrontendStats stats;
+    stats.connections = stat_connections_.load(std::memory_order_relaxed);
+    stats.paused_connections = stat_paused_.load(std::memory_order_relaxed);
+    stats.buffered_bytes = stat_buffered_.load(std::memory_order_relaxed);
+    return stats;
+  }
+
   // -- nghttp2 callbacks (I/O thread) ------------------------------------------------------
   // Each body runs under guarded(): an exception becomes a connection error, never crosses C.
 
   static int on_begin_frame(nghttp2_session* session, const nghttp2_frame_hd* hd, void* user) {
     auto* conn = static_cast<Connection*>(user);
+    if (hd->type == NGHTTP2_HEADERS) {
+      conn->continuations = 0;
+    } else if (hd->type == NGHTTP2_CONTINUATION && ++conn->continuations > kMaxContinuations) {
+      return NGHTTP2_ERR_CALLBACK_FAILURE;  // a CONTINUATION flood: the connection is closed
+    }
     if (hd->type != NGHTTP2_HEADERS || conn->goaway != Connection::Goaway::kFinal ||
         hd->stream_id <= conn->final_last_stream || (hd->stream_id & 1) == 0 ||
         nghttp2_session_find_stream(session, hd->stream_id) != nullptr) {
@@ -337,8 +448,8 @@ class GrpcFrontend::Loop {
       return 0;
     }
     Call* call = static_cast<Connection*>(user)->find(frame->hd.stream_id);
-    if (call == nullptr) {
-      return 0;
+    if (call == nullptr || !call->header_list.add(namelen, valuelen)) {
+      return 0;  // over the header list's limits: headers_complete() refuses the call
     }
     return guarded([&] {
       const std::string_view n(reinterpret_cast<const char*>(name), namelen);
@@ -356,6 +467,8 @@ class GrpcFrontend::Loop {
       } else if (n == "grpc-timeout") {
         call->timeout.assign(v, valuelen);
         call->has_timeout = true;
+      } else {
+        call->conn->loop->keep_metadata(*call, n, std::string_view(v, valuelen));
       }
       return 0;
     });
@@ -364,14 +477,16 @@ class GrpcFrontend::Loop {
   static int on_frame_recv(nghttp2_session*, const nghttp2_frame* frame, void* user) {
     auto* conn = static_cast<Connection*>(user);
     if (frame->hd.type == NGHTTP2_PING) {
-      if ((frame->hd.flags & NGHTTP2_FLAG_ACK) != 0 &&
-          std::memcmp(frame->ping.opaque_data, kShutdownPing, sizeof kShutdownPing) == 0) {
-        return guarded([&] {
-          conn->loop->send_final_goaway(*conn);
-          return 0;
-        });
-      }
-      return 0;
+      return guarded([&] {
+        conn->loop->ping_received(*conn, frame->ping, (frame->hd.flags & NGHTTP2_FLAG_ACK) != 0);
+        return 0;
+      });
+    }
+    if (frame->hd.type == NGHTTP2_RST_STREAM) {
+      return guarded([&] {
+        conn->loop->reset_received(*conn);
+        return 0;
+      });
     }
     if (frame->hd.type != NGHTTP2_HEADERS && frame->hd.type != NGHTTP2_DATA) {
       return 0;
@@ -394,11 +509,12 @@ class GrpcFrontend::Loop {
   static int on_data_chunk(nghttp2_session*, std::uint8_t, std::int32_t stream_id,
                            const std::uint8_t* data, std::size_t len, void* user) {
     auto* conn = static_cast<Connection*>(user);
-    Call* call = conn->find(stream_id);
-    if (call == nullptr) {
-      return 0;
-    }
     return guarded([&] {
+      Call* call = conn->find(stream_id);
+      if (call == nullptr) {
+        give_back(*conn, stream_id, len);  // nobody keeps these bytes
+        return 0;
+      }
       conn->loop->request_data(*conn, *call, data, len);
       return 0;
     });
@@ -422,6 +538,7 @@ class GrpcFrontend::Loop {
     if (n != 0) {
       std::memcpy(buf, call->out.data() + call->out_off, n);
       call->out_off += n;
+      call->conn->keepalive->sent_data();
     }
     if (call->out_off < call->out.size()) {
       return static_cast<ssize_t>(n);
@@ -470,9 +587,11 @@ class GrpcFrontend::Loop {
         continue;
       }
       const int on = 1;
-      // SO_REUSEPORT: several server processes may share the port (ARCHITECTURE.md, 6).
       ::setsockopt(fd.get(), SOL_SOCKET, SO_REUSEADDR, &on, sizeof on);
-      ::setsockopt(fd.get(), SOL_SOCKET, SO_REUSEPORT, &on, sizeof on);
+      if (options_.reuse_port) {
+        // Several server processes may share the port (--reuse-grpc-port; ARCHITECTURE.md, 6).
+        ::setsockopt(fd.get(), SOL_SOCKET, SO_REUSEPORT, &on, sizeof on);
+      }
       if (::bind(fd.get(), ai->ai_addr, ai->ai_addrlen) != 0 ||
           ::listen(fd.get(), SOMAXCONN) != 0) {
         error = errno;
@@ -513,18 +632,42 @@ class GrpcFrontend::Loop {
     nghttp2_session_callbacks_set_on_frame_recv_callback(callbacks, &Loop::on_frame_recv);
     nghttp2_session_callbacks_set_on_data_chunk_recv_callback(callbacks, &Loop::on_data_chunk);
     nghttp2_session_callbacks_set_on_stream_close_callback(callbacks, &Loop::on_stream_close);
+    nghttp2_option* option = nullptr;
+    if (nghttp2_option_new(&option) != 0) {
+      throw std::bad_alloc();
+    }
+    session_option_.reset(option);
+    // Windows are given back as the application takes the bytes (give_back()). nghttp2's own
+    // limits on resets and CONTINUATION frames (where this version has them) keep their
+    // defaults; http2_limits.hpp's stricter ones hold on any version.
+    nghttp2_option_set_no_auto_window_update(option, 1);
   }
 
   // -- the loop ----------------------------------------------------------------------------
 
+  // Runs the loop; when it ends on its own (an exception), records why and makes notify_fd()
+  // readable so that the application learns it (failure()).
   void run_guarded() {
+    std::string failure;
     try {
       run();
     } catch (const std::exception& e) {
-      std::fprintf(stderr, "tachyon: gRPC front end I/O thread failed: %s\n", e.what());
+      failure = *e.what() != '\0' ? e.what() : "an exception without a message";
+    } catch (...) {
+      failure = "an exception that is not a std::exception";
     }
-    close_all();
+    if (!failure.empty()) {
+      std::fprintf(stderr, "tachyon: gRPC front end I/O thread failed: %s\n", failure.c_str());
+    }
+    try {
+      close_all();
+    } catch (...) {  // out of memory while telling the application about the calls
+    }
     std::lock_guard<std::mutex> lock(mu_);
+    failure_ = std::move(failure);
+    if (!failure_.empty()) {
+      signal_eventfd(notify_fd_.get());
+    }
     drained_ = true;
     drained_cv_.notify_all();
   }
@@ -532,29 +675,44 @@ class GrpcFrontend::Loop {
   void run() {
     std::vector<epoll_event> events(256);
     rbuf_.resize(kReadChunk);
+    if (tls_) {
+      plain_.resize(tls::kPieceBytes);
+    }
     for (;;) {
       const int n = ::epoll_wait(epoll_fd_.get(), events.data(), static_cast<int>(events.size()),
                                  next_timeout_ms());
       if (n < 0 && errno != EINTR) {
         throw std::system_error(errno, std::generic_category(), "epoll_wait");
       }
+      now_ = Clock::now();
       for (int i = 0; i < n; ++i) {
         dispatch(events[static_cast<std::size_t>(i)]);
       }
       run_timers();
       publish();  // before writing: the application starts on new calls meanwhile
       std::vector<Response> responses;
+      std::vector<Credit> taken;
       bool exit = false;
       bool shutdown = false;
+      std::string injected;
       {
         std::lock_guard<std::mutex> lock(mu_);
         responses.swap(outgoing_);
+        taken.swap(credits_taken_);
+        taken_wire_ = 0;
+        wake_on_take_ = !paused_.empty() || owing_calls_ != 0;
         exit = exit_requested_;
         shutdown = shutdown_requested_;
+        injected.swap(injected_failure_);
       }
       if (exit) {
         return;
       }
+      if (!injected.empty()) {
+        throw std::runtime_error(injected);
+      }
+      settle(taken);
+      resume_paused();
       if (shutdown && !shutting_down_) {
         begin_shutdown();
       }
@@ -563,6 +721,9 @@ class GrpcFrontend::Loop {
       }
       flush_dirty();
       publish();  // cancellations found while writing
+      stat_connections_.store(connections_.size(), std::memory_order_relaxed);
+      stat_paused_.store(paused_.size(), std::memory_order_relaxed);
+      stat_buffered_.store(budget_.total(), std::memory_order_relaxed);
       if (shutting_down_ && connections_.empty()) {  // lingering ones included
         std::lock_guard<std::mutex> lock(mu_);
         drained_ = true;
@@ -572,15 +733,18 @@ class GrpcFrontend::Loop {
   }
 
   void dispatch(const epoll_event& ev) {
-    if (ev.data.u64 == kListenerTag) {
+    // epoll_event is packed on x86-64 (data.u64 at offset 4): copy it out rather than bind a
+    // reference to a misaligned field (undefined behaviour; UBSan flags it).
+    const std::uint64_t tag = ev.data.u64;
+    if (tag == kListenerTag) {
       accept_all();
       return;
     }
-    if (ev.data.u64 == kWakeTag) {
+    if (tag == kWakeTag) {
       drain_eventfd(wake_fd_.get());
       return;
     }
-    const auto it = connections_.find(ev.data.u64);
+    const auto it = connections_.find(tag);
     if (it == connections_.end()) {
       return;
     }
@@ -589,7 +753,9 @@ class GrpcFrontend::Loop {
       discard_input(conn);
       return;
     }
-    if ((ev.events & (EPOLLIN | EPOLLHUP | EPOLLERR)) != 0) {
+    if ((conn.paused || conn.calm) && (ev.events & (EPOLLHUP | EPOLLERR | EPOLLRDHUP)) != 0) {
+      conn.dead = true;  // not being read, and the client is gone: nothing to wait for
+    } else if ((ev.events & (EPOLLIN | EPOLLHUP | EPOLLERR)) != 0) {
       read_from(conn);
     }
     mark_dirty(conn);  // readable: nghttp2 may owe frames; writable: the socket has room
@@ -602,7 +768,14 @@ class GrpcFrontend::Loop {
         if (errno == EINTR || errno == ECONNABORTED) {
           continue;
         }
-        return;  // EAGAIN: accepted all; EMFILE and friends: retried on the next event
+        if (errno == EMFILE || errno == ENFILE || errno == ENOBUFS || errno == ENOMEM) {
+          rest_listener();  // the connection waits in the backlog until a descriptor frees
+        }
+        return;  // EAGAIN: accepted all
+      }
+      if (options_.max_connections != 0 && connections_.size() >= options_.max_connections) {
+        refuse_connection(fd.get());
+        continue;
       }
       const int on = 1;
       // Responses are small and latency-bound: never wait for Nagle's coalescing.
@@ -611,20 +784,31 @@ class GrpcFrontend::Loop {
       conn->tag = next_tag_++;
       conn->loop = this;
       conn->fd = std::move(fd);
+      if (tls_ && !start_tls(*conn)) {
+        continue;
+      }
       nghttp2_session* session = nullptr;
-      if (nghttp2_session_server_new(&session, callbacks_.get(), conn.get()) != 0) {
+      if (nghttp2_session_server_new2(&session, callbacks_.get(), conn.get(),
+                                      session_option_.get()) != 0) {
         continue;
       }
       conn->session.reset(session);
+      conn->keepalive.emplace(options_.keepalive, now_);
       const nghttp2_settings_entry settings[] = {
           {NGHTTP2_SETTINGS_MAX_CONCURRENT_STREAMS, kMaxConcurrentStreams},
           {NGHTTP2_SETTINGS_INITIAL_WINDOW_SIZE, static_cast<std::uint32_t>(kWindowBytes)},
+          {NGHTTP2_SETTINGS_MAX_HEADER_LIST_SIZE, static_cast<std::uint32_t>(kMaxHeaderListBytes)},
       };
-      if (nghttp2_submit_settings(session, NGHTTP2_FLAG_NONE, settings, 2) != 0 ||
+      if (nghttp2_submit_settings(session, NGHTTP2_FLAG_NONE, settings, 3) != 0 ||
           nghttp2_session_set_local_window_size(session, NGHTTP2_FLAG_NONE, 0, kWindowBytes) != 0) {
         continue;
       }
-      watch(conn->fd.get(), conn->tag, EPOLLIN);
+      epoll_event ev{};
+      ev.events = EPOLLIN;
+      ev.data.u64 = conn->tag;
+      if (::epoll_ctl(epoll_fd_.get(), EPOLL_CTL_ADD, conn->fd.get(), &ev) != 0) {
+        continue;  // out of memory (or of epoll watches): this connection only is dropped
+      }
       Connection& ref = *conn;
       connections_.emplace(conn->tag, std::move(conn));
       mark_dirty(ref);  // our SETTINGS go out first
@@ -632,13 +816,16 @@ class GrpcFrontend::Loop {
   }
 
   void read_from(Connection& conn) {
-    for (int i = 0; i < kMaxReadsPerWakeup && !conn.dead; ++i) {
+    for (int i = 0; i < kMaxReadsPerWakeup && !conn.dead && !conn.calm; ++i) {
+      if (!budget_.may_read(conn.held)) {
+        pause(conn);
+        return;
+      }
       const ssize_t n = ::recv(conn.fd.get(), rbuf_.data(), rbuf_.size(), 0);
       if (n > 0) {
-        const ssize_t used =
-            nghttp2_session_mem_recv(conn.session.get(), rbuf_.data(), static_cast<std::size_t>(n));
-        if (used < 0) {
-          conn.dead = true;  // bad preface, flood, or a fatal protocol error
+        conn.keepalive->heard(now_);
+        if (!receive(conn, rbuf_.data(), static_cast<std::size_t>(n))) {
+          conn.dead = true;  // bad preface, flood, a fatal protocol error, or TLS failed
         }
         refuse_new_streams(conn);
         if (static_cast<std::size_t>(n) < rbuf_.size()) {
@@ -653,6 +840,61 @@ class GrpcFrontend::Loop {
         return;
       }
       conn.dead = true;  // EOF or a socket error: the client is gone
+    }
+  }
+
+  // Hands bytes read from the socket to nghttp2, through TLS when the connection has it. False
+  // when the connection must close.
+  bool receive(Connection& conn, const std::uint8_t* data, std::size_t len) {
+    if (!conn.tls) {
+      return nghttp2_session_mem_recv(conn.session.get(), data, len) >= 0;
+    }
+    tls::Session& tls = *conn.tls;
+    while (len != 0) {
+      const std::size_t piece = std::min(len, tls::kPieceBytes);
+      if (!tls.feed(data, piece)) {
+        return false;
+      }
+      data += piece;
+      len -= piece;
+      while (const std::size_t n = tls.read(plain_.data(), plain_.size())) {
+        if (nghttp2_session_mem_recv(conn.session.get(), plain_.data(), n) < 0) {
+          return false;
+        }
+      }
+    }
+    switch (tls.state()) {
+      case tls::Session::State::kHandshaking:
+      case tls::Session::State::kOpen:
+        return true;
+      case tls::Session::State::kFailed:
+        send_tls_remainder(conn);  // the alert that tells the client why
+        return false;
+      case tls::Session::State::kClosed:
+        break;
+    }
+    return false;  // close_notify: the client is done, as at EOF
+  }
+
+  bool start_tls(Connection& conn) {
+    conn.tls = tls_->accept();
+    if (!conn.tls) {
+      return false;
+    }
+    const auto timeout = std::chrono::duration<double>(options_.tls_handshake_timeout_s);
+    handshakes_.push_back(
+        {Clock::now() + std::chrono::duration_cast<Clock::duration>(timeout), conn.tag});
+    return true;
+  }
+
+  // Best effort, just before the connection closes or half-closes: what TLS still has to send
+  // (an alert, close_notify), in one non-blocking send.
+  void send_tls_remainder(Connection& conn) {
+    std::string out;
+    std::string scratch;
+    if (conn.tls->seal(out, scratch) && !out.empty()) {
+      [[maybe_unused]] const ssize_t n =
+          ::send(conn.fd.get(), out.data(), out.size(), MSG_NOSIGNAL | MSG_DONTWAIT);
     }
   }
 
@@ -711,7 +953,9 @@ class GrpcFrontend::Loop {
       }
       conn.wbuf.clear();
       conn.woff = 0;
-      while (conn.wbuf.size() < kWriteBatch) {
+      // Over TLS, HTTP/2 waits for the handshake (whose messages seal() gives meanwhile).
+      const bool h2 = !conn.tls || conn.tls->state() == tls::Session::State::kOpen;
+      while (h2 && conn.wbuf.size() < kWriteBatch) {
         const std::uint8_t* data = nullptr;
         const ssize_t n = nghttp2_session_mem_send(session, &data);
         if (n < 0) {
@@ -722,25 +966,39 @@ class GrpcFrontend::Loop {
         }
         conn.wbuf.append(reinterpret_cast<const char*>(data), static_cast<std::size_t>(n));
       }
+      if (conn.tls && !conn.tls->seal(conn.wbuf, tls_scratch_)) {
+        return Flushed::kFailed;
+      }
       if (conn.wbuf.empty()) {
         break;
       }
     }
     set_epollout(conn, false);
-    const bool open =
-        nghttp2_session_want_read(session) != 0 || nghttp2_session_want_write(session) != 0;
+    // A calmed-down connection is finished once its GOAWAY is out.
+    const bool open = !conn.calm && (nghttp2_session_want_read(session) != 0 ||
+                                     nghttp2_session_want_write(session) != 0);
     return open ? Flushed::kOpen : Flushed::kFinished;
   }
 
   void set_epollout(Connection& conn, bool on) {
-    if (conn.epollout == on) {
+    conn.epollout = on;
+    update_events(conn);
+  }
+
+  // EPOLLIN while the connection may be read (not paused for the budget, not calmed down),
+  // else EPOLLRDHUP, to learn that the client left; EPOLLOUT while the socket refused some of
+  // its bytes.
+  void update_events(Connection& conn) {
+    const bool read = conn.lingering || (!conn.paused && !conn.calm);
+    const std::uint32_t events = (read ? EPOLLIN : EPOLLRDHUP) | (conn.epollout ? EPOLLOUT : 0u);
+    if (events == conn.events) {
       return;
     }
     epoll_event ev{};
-    ev.events = EPOLLIN | (on ? EPOLLOUT : 0u);
+    ev.events = events;
     ev.data.u64 = conn.tag;
     ::epoll_ctl(epoll_fd_.get(), EPOLL_CTL_MOD, conn.fd.get(), &ev);
-    conn.epollout = on;
+    conn.events = events;
   }
 
   // A cleanly finished connection: FIN now, close once the client closes too (or after
@@ -752,9 +1010,13 @@ class GrpcFrontend::Loop {
       forget(*entry.second);
     }
     conn.calls.clear();
+    if (conn.tls) {
+      conn.tls->close();
+      send_tls_remainder(conn);  // close_notify
+    }
     ::shutdown(conn.fd.get(), SHUT_WR);
-    set_epollout(conn, false);
     conn.lingering = true;
+    set_epollout(conn, false);
     conn.linger_until = Clock::now() + kLingerFor;
     ++lingering_;
   }
@@ -818,6 +1080,11 @@ class GrpcFrontend::Loop {
       if (conn.lingering) {
         continue;
       }
+      if (conn.tls && conn.tls->state() != tls::Session::State::kOpen) {
+        conn.dead = true;  // still in its handshake: no call to finish
+        mark_dirty(conn);
+        continue;
+      }
       nghttp2_session* session = conn.session.get();
       // First step: "stop opening streams soon" (last stream id 2^31-1), and a PING whose
       // acknowledgement tells that the client has seen it (on_frame_recv).
@@ -871,6 +1138,15 @@ class GrpcFrontend::Loop {
     if (lingering_ != 0) {
       next = std::min(next, Clock::now() + kLingerFor / 4);  // checked now and then
     }
+    if (!handshakes_.empty()) {
+      next = std::min(next, handshakes_.front().first);
+    }
+    if (!connections_.empty()) {
+      next = std::min(next, next_sweep_);
+    }
+    if (listener_resting_) {
+      next = std::min(next, listener_wakes_at_);
+    }
     if (next == Clock::time_point::max()) {
       return -1;
     }
@@ -884,6 +1160,14 @@ class GrpcFrontend::Loop {
 
   void run_timers() {
     const Clock::time_point now = Clock::now();
+    now_ = now;
+    if (listener_resting_ && now >= listener_wakes_at_) {
+      wake_listener();
+    }
+    if (now >= next_sweep_) {
+      next_sweep_ = now + options_.keepalive.sweep_period();
+      sweep();
+    }
     if (final_goaway_pending_ && now >= final_goaway_at_) {
       final_goaway_pending_ = false;
       for (auto& entry : connections_) {
@@ -898,6 +1182,15 @@ class GrpcFrontend::Loop {
         }
       }
       for (const std::uint64_t tag : expired) {
+        close_connection(tag);
+      }
+    }
+    while (!handshakes_.empty() && handshakes_.front().first <= now) {
+      const std::uint64_t tag = handshakes_.front().second;
+      handshakes_.pop_front();
+      const auto it = connections_.find(tag);
+      if (it != connections_.end() && it->second->tls &&
+          it->second->tls->state() == tls::Session::State::kHandshaking) {
         close_connection(tag);
       }
     }
@@ -943,8 +1236,243 @@ class GrpcFrontend::Loop {
       std::move(local_ready_.begin(), local_ready_.end(), std::back_inserter(ready_));
     }
     local_ready_.clear();
+    credits_pending_.insert(credits_pending_.end(), local_credits_.begin(), local_credits_.end());
+    local_credits_.clear();
+    pending_wire_ += local_wire_;
+    local_wire_ = 0;
     if (signal) {
       signal_eventfd(notify_fd_.get());
+    }
+  }
+
+  // -- flow control and budget -------------------------------------------------------------
+
+  // What a call holds of its request: the message in progress, and a unary message waiting for
+  // the end of the request.
+  static std::size_t call_held(const Call& call) {
+    const bool waiting = call.has_message && !call.delivered;
+    return call.reader.buffered() + (waiting ? call.unary_message.size() : 0);
+  }
+
+  // A call needs no more of its request: what it holds leaves the budget, the bytes not yet
+  // given back go back to the windows. Idempotent.
+  void drop_request(Connection& conn, Call& call) {
+    budget_.release(conn.held, call_held(call));
+    call.reader.discard();
+    if (!call.delivered) {
+      std::string().swap(call.unary_message);
+    }
+    give_back(conn, call.stream_id, call.unconsumed + call.owed);
+    call.unconsumed = 0;
+    if (call.owed != 0) {
+      call.owed = 0;
+      --conn.owing;
+      --owing_calls_;
+    }
+  }
+
+  void owe(Connection& conn, Call& call, std::size_t n) {
+    if (call.owed == 0) {
+      ++conn.owing;
+      ++owing_calls_;
+    }
+    call.owed += n;
+  }
+
+  // The application took everything the connection delivered: what its messages in progress
+  // owe goes back to the windows.
+  void repay(Connection& conn) {
+    for (auto& entry : conn.calls) {
+      Call& call = *entry.second;
+      if (call.owed != 0) {
+        give_back(conn, call.stream_id, call.owed);
+        call.owed = 0;
+        --owing_calls_;
+      }
+    }
+    conn.owing = 0;
+    mark_dirty(conn);
+  }
+
+  // Tells nghttp2 that `n` DATA bytes of a stream were consumed: its WINDOW_UPDATEs follow (for
+  // the connection always, for the stream while it is open).
+  static void give_back(Connection& conn, std::int32_t stream_id, std::size_t n) {
+    nghttp2_session* session = conn.session.get();
+    if (session == nullptr || n == 0) {
+      return;
+    }
+    nghttp2_session_consume_connection(session, n);
+    if (nghttp2_session_find_stream(session, stream_id) != nullptr) {
+      nghttp2_session_consume_stream(session, stream_id, n);
+    }
+  }
+
+  // What the application took leaves the budget, and its bytes go back to the windows.
+  void settle(const std::vector<Credit>& taken) {
+    for (const Credit& credit : taken) {
+      const auto it = connections_.find(credit.conn);
+      if (it == connections_.end()) {
+        budget_.release_orphaned(credit.memory);
+        continue;
+      }
+      Connection& conn = *it->second;
+      budget_.release(conn.held, credit.memory);
+      conn.untaken -= std::min<std::size_t>(conn.untaken, 1);
+      if (credit.wire != 0) {
+        give_back(conn, credit.stream_id, credit.wire);
+        mark_dirty(conn);
+      }
+      if (conn.untaken == 0 && conn.owing != 0) {
+        repay(conn);
+      }
+    }
+  }
+
+  // Over the budget: the connection is not read (TCP holds the client back) until resumed.
+  void pause(Connection& conn) {
+    if (!conn.paused) {
+      conn.paused = true;
+      conn.paused_since = now_;
+      paused_.push_back(conn.tag);
+      update_events(conn);
+    }
+  }
+
+  void resume_paused() {
+    auto keep = paused_.begin();
+    for (const std::uint64_t tag : paused_) {
+      const auto it = connections_.find(tag);
+      if (it == connections_.end()) {
+        continue;
+      }
+      Connection& conn = *it->second;
+      if (!conn.lingering && !budget_.may_read(conn.held)) {
+        *keep++ = tag;
+        continue;
+      }
+      conn.paused = false;
+      conn.keepalive->heard(now_);  // it could not answer PINGs while it was not read
+      update_events(conn);          // level-triggered: what waits is reported at once
+    }
+    paused_.erase(keep, paused_.end());
+  }
+
+  // -- abuse -------------------------------------------------------------------------------
+
+  void reset_received(Connection& conn) {
+    if (conn.resets.record(now_)) {
+      calm_down(conn, "too many streams reset");  // HTTP/2 rapid reset (CVE-2023-44487)
+    }
+  }
+
+  void ping_received(Connection& conn, const nghttp2_ping& ping, bool ack) {
+    if (!ack) {
+      if (conn.keepalive->received_ping(now_, !conn.calls.empty())) {
+        calm_down(conn, "too_many_pings");  // grpc-core's words: its clients back off on them
+      }
+      return;
+    }
+    if (std::memcmp(ping.opaque_data, kShutdownPing, sizeof kShutdownPing) == 0) {
+      send_final_goaway(conn);
+    }
+  }
+
+  // GOAWAY(ENHANCE_YOUR_CALM) with `why` as its debug data; the connection is read no more and
+  // closes once the GOAWAY is flushed (or kLingerFor later, should the client not read it).
+  void calm_down(Connection& conn, std::string_view why) {
+    if (conn.calm || conn.lingering || !conn.session) {
+      return;
+    }
+    conn.calm = true;
+    conn.calm_until = now_ + kLingerFor;
+    nghttp2_session* session = conn.session.get();
+    if (nghttp2_submit_goaway(session, NGHTTP2_FLAG_NONE,
+                              nghttp2_session_get_last_proc_stream_id(session),
+                              NGHTTP2_ENHANCE_YOUR_CALM,
+                              reinterpret_cast<const std::uint8_t*>(why.data()), why.size()) != 0) {
+      conn.dead = true;
+    }
+    update_events(conn);
+    mark_dirty(conn);
+  }
+
+  // A connection over max_connections: our SETTINGS and GOAWAY(ENHANCE_YOUR_CALM, "too many
+  // connections"), in one non-blocking send, then close. The client sees why and retries.
+  static void refuse_connection(int fd) {
+    static constexpr char kWhy[] = "too many connections";
+    constexpr std::uint32_t kGoawayLength = 8 + sizeof kWhy - 1;
+    std::uint8_t frames[9 + 9 + kGoawayLength] = {
+        0, 0, 0, NGHTTP2_SETTINGS, 0, 0, 0, 0, 0,  // an empty SETTINGS frame
+        0, 0, static_cast<std::uint8_t>(kGoawayLength), NGHTTP2_GOAWAY, 0, 0, 0, 0, 0,
+        0, 0, 0, 0,                                 // last stream id: none
+        0, 0, 0, NGHTTP2_ENHANCE_YOUR_CALM};
+    std::memcpy(frames + 9 + 9 + 8, kWhy, sizeof kWhy - 1);
+    [[maybe_unused]] const ssize_t n = ::send(fd, frames, sizeof frames, MSG_NOSIGNAL | MSG_DONTWAIT);
+    ::shutdown(fd, SHUT_WR);
+  }
+
+  // accept() failed for want of descriptors or memory: stop polling the listener for a while
+  // (level-triggered, it would report the waiting connection again at once, in a busy loop).
+  void rest_listener() {
+    epoll_event ev{};
+    ev.data.u64 = kListenerTag;
+    if (::epoll_ctl(epoll_fd_.get(), EPOLL_CTL_MOD, listen_fd_.get(), &ev) == 0) {
+      listener_resting_ = true;
+      listener_wakes_at_ = now_ + kAcceptBackoff;
+    }
+  }
+
+  void wake_listener() {
+    listener_resting_ = false;
+    if (listen_fd_) {
+      epoll_event ev{};
+      ev.events = EPOLLIN;
+      ev.data.u64 = kListenerTag;
+      ::epoll_ctl(epoll_fd_.get(), EPOLL_CTL_MOD, listen_fd_.get(), &ev);
+    }
+  }
+
+  // Keepalive PINGs due, connections whose acknowledgement did not come, calmed-down ones that
+  // did not flush their GOAWAY in time: every connection, every KeepaliveOptions::sweep_period().
+  void sweep() {
+    std::vector<std::uint64_t> expired;
+    for (auto& entry : connections_) {
+      Connection& conn = *entry.second;
+      if (conn.lingering || !conn.session) {
+        continue;  // timed by linger_until
+      }
+      if (conn.paused) {
+        // Not read, it cannot show it is alive (even its FIN waits behind the bytes we do not
+        // read): paused for longer than the keepalive timeout, it is closed and what it holds
+        // freed. The application drains a paused connection quickly unless it holds only
+        // messages that stopped arriving, or the budget is held by such connections.
+        if (now_ - conn.paused_since >= options_.keepalive.timeout) {
+          expired.push_back(entry.first);
+        }
+        continue;
+      }
+      if (conn.calm) {
+        if (now_ >= conn.calm_until) {
+          expired.push_back(entry.first);
+        }
+        continue;
+      }
+      switch (conn.keepalive->due(now_, !conn.calls.empty())) {
+        case Keepalive::Due::kNothing:
+          break;
+        case Keepalive::Due::kPing:
+          if (nghttp2_submit_ping(conn.session.get(), NGHTTP2_FLAG_NONE, kKeepalivePing) == 0) {
+            conn.keepalive->ping_sent(now_);
+            mark_dirty(conn);
+          }
+          break;
+        case Keepalive::Due::kDead:
+          expired.push_back(entry.first);  // keepalive watchdog: the client is gone
+          break;
+      }
+    }
+    for (const std::uint64_t tag : expired) {
+      close_connection(tag);
     }
   }
 
@@ -973,11 +1501,51 @@ class GrpcFrontend::Loop {
       local_ready_.push_back({call.id, call.method, std::string(), ItemKind::kCancelled});
     }
     call.done = true;
+    drop_request(*call.conn, call);
     call_index_.erase(call.id);
     active_calls_.store(call_index_.size(), std::memory_order_relaxed);
   }
 
+  // Keeps a request header the application asked for (metadata_prefixes), within the bounds.
+  void keep_metadata(Call& call, std::string_view name, std::string_view value) {
+    for (const std::string& prefix : options_.metadata_prefixes) {
+      if (name.substr(0, prefix.size()) != prefix) {
+        continue;
+      }
+      call.metadata_bytes += name.size() + value.size();
+      if (call.metadata.size() >= kMaxMetadataEntries || call.metadata_bytes > kMaxMetadataBytes) {
+        call.metadata_overflow = true;
+        return;
+      }
+      call.metadata.emplace_back(name, value);
+      return;
+    }
+  }
+
+  // Queues an item for the application; a call's first carries its kept request headers.
+  void deliver(Call& call, std::string&& message, ItemKind kind) {
+    // The message stays in the budget, and the bytes that brought it out of the windows, until
+    // the application takes it (settle()).
+    local_credits_.push_back({call.conn->tag, call.stream_id, message.size(), call.unconsumed});
+    local_wire_ += call.unconsumed;
+    call.unconsumed = 0;
+    ++call.conn->untaken;
+    local_ready_.push_back({call.id, call.method, std::move(message), kind});
+    if (!call.delivered) {
+      local_ready_.back().metadata = std::move(call.metadata);
+      local_ready_.back().first = true;
+      call.delivered = true;
+    }
+  }
+
   void headers_complete(Connection& conn, Call& call) {
+    if (call.header_list.over()) {
+      fail(conn, call, grpc_wire::kResourceExhausted,
+           "the request's header list is over the limit of " +
+               std::to_string(kMaxHeaderFields) + " fields and " +
+               std::to_string(kMaxHeaderListBytes) + " bytes (names, values and 32 per field)");
+      return;
+    }
     if (call.http_method != "POST") {
       fail(conn, call, grpc_wire::kUnimplemented,
            "gRPC calls use POST, not '" + call.http_method + "'");
@@ -989,6 +1557,17 @@ class GrpcFrontend::Loop {
       call.http_status = 415;
       fail(conn, call, grpc_wire::kInternal,
            "invalid gRPC request content-type '" + call.content_type + "'");
+      return;
+    }
+    if (call.metadata_overflow) {
+      std::string names;
+      for (const std::string& prefix : options_.metadata_prefixes) {
+        names += (names.empty() ? "'" : ", '") + prefix + "*'";
+      }
+      fail(conn, call, grpc_wire::kResourceExhausted,
+           "too much request metadata: at most " + std::to_string(kMaxMetadataEntries) +
+               " headers named " + names + ", of " + std::to_string(kMaxMetadataBytes) +
+               " bytes in all");
       return;
     }
     if (call.has_timeout) {
@@ -1045,26 +1624,44 @@ class GrpcFrontend::Loop {
   }
 
   void request_data(Connection& conn, Call& call, const std::uint8_t* data, std::size_t len) {
+    call.unconsumed += len;
     if (call.done) {
-      return;  // already answered: the rest of the request is read and dropped
+      drop_request(conn, call);  // already answered: the rest is read, dropped and given back
+      return;
     }
     bool extra = false;
     grpc_wire::ReadError error;
+    const std::size_t before = call.reader.buffered();
     try {
       error = call.reader.feed(data, len, [&](std::string&& message) {
         if (call.streaming) {
-          call.delivered = true;
-          local_ready_.push_back(
-              {call.id, call.method, std::move(message), ItemKind::kStreamMessage});
+          budget_.add(conn.held, message.size());
+          deliver(call, std::move(message), ItemKind::kStreamMessage);
         } else if (call.has_message) {
           extra = true;
         } else {
+          budget_.add(conn.held, message.size());
           call.unary_message = std::move(message);
           call.has_message = true;
         }
       });
     } catch (const std::bad_alloc&) {
       error = {grpc_wire::kResourceExhausted, "the server is out of memory for this message"};
+    }
+    // The message in progress counts as held. Its bytes go back to the windows at once while
+    // the application has taken everything this connection delivered, else once it has: held
+    // back for good, a message larger than the windows (or several interleaved) could never
+    // complete; given back regardless, a client could send on while the application falls
+    // behind. The budget, not the windows, bounds what arrives meanwhile.
+    budget_.release(conn.held, before);
+    budget_.add(conn.held, call.reader.buffered());
+    if (!call.reader.at_boundary() && call.unconsumed != 0) {
+      if (conn.untaken == 0) {
+        give_back(conn, call.stream_id, call.unconsumed);
+      } else {
+        owe(conn, call, call.unconsumed);
+      }
+      call.unconsumed = 0;
     }
     if (error) {
       fail(conn, call, error.code, error.message);
@@ -1083,8 +1680,7 @@ class GrpcFrontend::Loop {
       return;
     }
     if (call.streaming) {
-      call.delivered = true;
-      local_ready_.push_back({call.id, call.method, std::string(), ItemKind::kHalfClosed});
+      deliver(call, std::string(), ItemKind::kHalfClosed);
       return;
     }
     if (!call.has_message) {
@@ -1092,9 +1688,7 @@ class GrpcFrontend::Loop {
            call.method + " is a unary call but the client sent no request message");
       return;
     }
-    call.delivered = true;
-    local_ready_.push_back(
-        {call.id, call.method, std::move(call.unary_message), ItemKind::kUnary});
+    deliver(call, std::move(call.unary_message), ItemKind::kUnary);
   }
 
   // Ends a call from here with an error status; the application, if it knew the call, is told
@@ -1109,6 +1703,7 @@ class GrpcFrontend::Loop {
     call.done = true;
     call.status = code;
     call.status_message = std::move(message);
+    drop_request(conn, call);
     // The rest of the request is read and dropped rather than refused with RST_STREAM
     // (NO_ERROR): grpc-core clients still writing their message report such a reset as
     // INTERNAL "Stream removed" instead of the status sent just before it.
@@ -1196,6 +1791,7 @@ class GrpcFrontend::Loop {
     if (call.out.empty()) {
       if (call.done) {
         submit_trailers_only(session, call);
+        conn.keepalive->sent_data();
       }
       return;  // a stream with nothing to send yet
     }
@@ -1209,6 +1805,7 @@ class GrpcFrontend::Loop {
     body.read_callback = &Loop::read_body;
     if (nghttp2_submit_response(session, call.stream_id, headers, count, &body) == 0) {
       call.headers_submitted = true;
+      conn.keepalive->sent_data();
     }
   }
 
@@ -1244,6 +1841,7 @@ class GrpcFrontend::Loop {
   };
 
   const FrontendOptions options_;
+  std::unique_ptr<tls::ServerContext> tls_;  // null: cleartext HTTP/2
   std::string prefix_;    // "/<service>/"
   std::string services_;  // every service, for UNIMPLEMENTED's message
   const UniqueFd notify_fd_;
@@ -1255,11 +1853,21 @@ class GrpcFrontend::Loop {
   std::thread thread_;
   bool stopped_ = false;  // under control_mu_
   std::atomic<std::size_t> active_calls_{0};
+  std::atomic<std::size_t> stat_connections_{0};  // FrontendStats, stored every turn
+  std::atomic<std::size_t> stat_paused_{0};
+  std::atomic<std::size_t> stat_buffered_{0};
 
   // Shared, under mu_.
-  std::mutex mu_;
+  mutable std::mutex mu_;
   std::condition_variable drained_cv_;
   std::vector<ReadyItem> ready_;
+  std::vector<Credit> credits_pending_;  // of the items in ready_
+  std::vector<Credit> credits_taken_;    // of items taken, for the I/O thread to settle
+  std::size_t pending_wire_ = 0;         // Credit::wire in credits_pending_
+  std::size_t taken_wire_ = 0;           // and in credits_taken_
+  bool wake_on_take_ = false;            // a connection is paused: take() wakes the I/O thread
+  std::string failure_;                  // why the I/O thread stopped on its own
+  std::string injected_failure_;         // inject_failure(), for the I/O thread's next turn
   std::vector<Response> outgoing_;
   bool shutdown_requested_ = false;
   bool exit_requested_ = false;
@@ -1271,7 +1879,21 @@ class GrpcFrontend::Loop {
   std::unordered_map<std::uint64_t, Call*> call_index_;
   std::vector<std::uint64_t> dirty_;
   std::vector<ReadyItem> local_ready_;
+  std::vector<Credit> local_credits_;  // of the items in local_ready_
+  std::size_t local_wire_ = 0;
+  OptionPtr session_option_;
+  RequestBudget budget_;
+  std::vector<std::uint64_t> paused_;  // connections not read for the budget
+  std::size_t owing_calls_ = 0;  // calls with Call::owed bytes, on any connection
+  Clock::time_point now_ = Clock::now();  // when this turn of the loop began
+  Clock::time_point next_sweep_;
+  bool listener_resting_ = false;
+  Clock::time_point listener_wakes_at_;
   std::vector<std::uint8_t> rbuf_;
+  std::vector<std::uint8_t> plain_;  // decrypted input (TLS)
+  std::string tls_scratch_;          // Session::seal()'s spare buffer
+  // TLS connections by accept time, with the time their handshake must be done by.
+  std::deque<std::pair<Clock::time_point, std::uint64_t>> handshakes_;
   std::uint64_t next_tag_ = kFirstConnection;
   std::uint64_t next_call_id_ = 1;
   std::vector<Deadline> deadlines_;  // a min-heap on `at` (std::greater)
@@ -1296,5 +1918,10 @@ void GrpcFrontend::respond(std::vector<Response>&& responses) {
 void GrpcFrontend::shutdown() { loop_->shutdown(); }
 void GrpcFrontend::stop(double grace_s) { loop_->stop(grace_s); }
 std::size_t GrpcFrontend::active_calls() const { return loop_->active_calls(); }
+std::string GrpcFrontend::failure() const { return loop_->failure(); }
+FrontendStats GrpcFrontend::stats() const { return loop_->stats(); }
+void GrpcFrontend::inject_failure(std::string message) {
+  loop_->inject_failure(std::move(message));
+}
 
 }  // namespace tachyon::grpc

@@ -1,6 +1,7 @@
-// A gRPC server transport (cleartext HTTP/2 on nghttp2) that runs on its own I/O thread and
-// hands complete calls to the embedding application in batches. Free of any Python dependency:
-// the bindings (grpc_frontend_py.cpp) convert between these structs and Python objects.
+// A gRPC server transport (HTTP/2 on nghttp2, cleartext or over TLS) that runs on its own I/O
+// thread and hands complete calls to the embedding application in batches. Free of any Python
+// dependency: the bindings (grpc_frontend_py.cpp) convert between these structs and Python
+// objects.
 //
 // Threads: one I/O thread owns every socket, nghttp2 session and call. The application thread
 // talks to it only through two queues guarded by one mutex: ready items (I/O -> application,
@@ -11,7 +12,11 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <utility>
 #include <vector>
+
+#include "keepalive.hpp"
+#include "tls.hpp"
 
 namespace tachyon::grpc {
 
@@ -32,6 +37,10 @@ struct ReadyItem {
   std::string method;
   std::string message;  // the request message (empty unless kind is kUnary / kStreamMessage)
   ItemKind kind;
+  // The call's request headers named by FrontendOptions::metadata_prefixes, in arrival order,
+  // on its first item only (`first`): later items of a streaming call carry none.
+  std::vector<std::pair<std::string, std::string>> metadata{};
+  bool first = false;
 };
 
 // One response from the application to a call.
@@ -52,11 +61,41 @@ struct FrontendOptions {
   // Streaming RPCs, named as ReadyItem::method names them. Any streaming kind (client, server or
   // bidirectional) is delivered alike: its messages, then its half-close.
   std::vector<std::string> streaming_methods;
+  // Request headers kept for the application (ReadyItem::metadata): those whose name starts with
+  // one of these, e.g. "triton-grpc-protocol-". A call carrying more than kMaxMetadataEntries of
+  // them, or more than kMaxMetadataBytes (names and values), is refused (RESOURCE_EXHAUSTED).
+  std::vector<std::string> metadata_prefixes;
+  tls::ServerOptions tls;  // TLS when tls.enabled(); cleartext HTTP/2 otherwise
+  // A TLS connection whose handshake is not done this long after accept is closed, so idle or
+  // slow handshakes cannot pile up.
+  double tls_handshake_timeout_s = 10.0;
+  // SO_REUSEPORT: other processes may listen on the same port (--reuse-grpc-port).
+  bool reuse_port = false;
+  // Connections beyond this many are accepted and closed at once with GOAWAY(ENHANCE_YOUR_CALM,
+  // "too many connections"); 0: no limit.
+  std::size_t max_connections = 10000;
+  // Request bytes held for the application (messages arriving, and complete ones not taken
+  // yet), in total and per connection; 0: request_budget.hpp's default_budget(). Over either,
+  // a connection is not read until the application takes what it holds.
+  std::size_t max_buffered_bytes = 0;
+  std::size_t max_connection_buffered_bytes = 0;
+  KeepaliveOptions keepalive;
+};
+
+inline constexpr std::size_t kMaxMetadataEntries = 64;
+inline constexpr std::size_t kMaxMetadataBytes = 8192;
+
+// A snapshot of the I/O thread's state, as of its last turn.
+struct FrontendStats {
+  std::size_t connections = 0;         // open ones, those closing included
+  std::size_t paused_connections = 0;  // not read until the application takes what they hold
+  std::size_t buffered_bytes = 0;      // request bytes held for the application
 };
 
 class GrpcFrontend {
  public:
-  // Creates the notification eventfd; opens no socket yet.
+  // Creates the notification eventfd and, with TLS, loads the certificates (throws
+  // std::invalid_argument naming a file that does not load); opens no socket yet.
   explicit GrpcFrontend(FrontendOptions options);
   // Stops without grace (see stop()).
   ~GrpcFrontend();
@@ -64,8 +103,9 @@ class GrpcFrontend {
   GrpcFrontend(const GrpcFrontend&) = delete;
   GrpcFrontend& operator=(const GrpcFrontend&) = delete;
 
-  // Binds and listens (SO_REUSEADDR, SO_REUSEPORT), then starts the I/O thread. Throws
-  // std::system_error when the address cannot be bound, std::logic_error when called twice.
+  // Binds and listens (SO_REUSEADDR; SO_REUSEPORT with reuse_port), then starts the I/O
+  // thread. Throws std::system_error when the address cannot be bound, std::logic_error when
+  // called twice.
   void start();
 
   // The bound port (after start()), or the configured one before.
@@ -95,6 +135,16 @@ class GrpcFrontend {
 
   // Calls whose HTTP/2 stream is open (received, not yet closed).
   std::size_t active_calls() const;
+
+  // Why the I/O thread stopped on its own (an exception escaped its loop, epoll failed), or
+  // empty while it runs or after a requested stop. Once set, notify_fd() is readable (take()
+  // resets it) and nothing is served any more: the application should exit.
+  std::string failure() const;
+
+  FrontendStats stats() const;
+
+  // For tests: the I/O thread fails with `message` on its next turn, as if its loop had thrown.
+  void inject_failure(std::string message);
 
   class Loop;  // the I/O thread's state (grpc_frontend.cpp)
 

@@ -7,6 +7,7 @@
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/vector.h>
 
+#include <chrono>
 #include <cstdint>
 #include <cstring>
 #include <string>
@@ -23,8 +24,32 @@ using grpc::Response;
 
 constexpr long kMaxStatusCode = 16;  // UNAUTHENTICATED, the last gRPC status code
 
-// Builds [(call_id, method, message, kind), ...]. Large messages are copied into their bytes
-// objects after all of them exist, with the GIL released.
+// A call's kept request headers: ((name, value), ...) as latin-1 str (metadata as grpc.aio
+// gives it), an empty tuple when there are none; None on items after a call's first.
+PyObject* metadata_to_python(const ReadyItem& item) {
+  if (!item.first) {
+    return Py_NewRef(Py_None);
+  }
+  PyObject* out = PyTuple_New(static_cast<Py_ssize_t>(item.metadata.size()));
+  if (out == nullptr) {
+    return nullptr;
+  }
+  for (std::size_t i = 0; i < item.metadata.size(); ++i) {
+    const auto& [name, value] = item.metadata[i];
+    PyObject* pair = Py_BuildValue("(NN)",
+        PyUnicode_DecodeLatin1(name.data(), static_cast<Py_ssize_t>(name.size()), nullptr),
+        PyUnicode_DecodeLatin1(value.data(), static_cast<Py_ssize_t>(value.size()), nullptr));
+    if (pair == nullptr) {
+      Py_DECREF(out);
+      return nullptr;
+    }
+    PyTuple_SET_ITEM(out, static_cast<Py_ssize_t>(i), pair);
+  }
+  return out;
+}
+
+// Builds [(call_id, method, message, kind, metadata), ...]. Large messages are copied into their
+// bytes objects after all of them exist, with the GIL released.
 nb::list ready_items_to_python(const std::vector<ReadyItem>& items) {
   nb::list out = nb::steal<nb::list>(PyList_New(static_cast<Py_ssize_t>(items.size())));
   if (!out.is_valid()) {
@@ -37,7 +62,7 @@ nb::list ready_items_to_python(const std::vector<ReadyItem>& items) {
   std::vector<Deferred> deferred;
   for (std::size_t i = 0; i < items.size(); ++i) {
     const ReadyItem& item = items[i];
-    PyObject* tuple = PyTuple_New(4);
+    PyObject* tuple = PyTuple_New(5);
     if (tuple == nullptr) {
       throw nb::python_error();
     }
@@ -52,16 +77,17 @@ nb::list ready_items_to_python(const std::vector<ReadyItem>& items) {
     } else {
       message = PyBytes_FromStringAndSize(item.message.data(), size);
     }
-    PyObject* fields[4] = {
+    PyObject* fields[5] = {
         PyLong_FromUnsignedLongLong(item.call_id),
         // Method names come from the client's :path; undecodable bytes must not raise here.
         PyUnicode_DecodeUTF8(item.method.data(), static_cast<Py_ssize_t>(item.method.size()),
                              "replace"),
         message,
         PyLong_FromLong(static_cast<long>(item.kind)),
+        metadata_to_python(item),
     };
     bool failed = false;
-    for (Py_ssize_t f = 0; f < 4; ++f) {
+    for (Py_ssize_t f = 0; f < 5; ++f) {
       failed = failed || fields[f] == nullptr;
       PyTuple_SET_ITEM(tuple, f, fields[f]);  // a null slot is allowed in a tuple being freed
     }
@@ -213,11 +239,57 @@ void send_stream(GrpcFrontend& fe, nb::handle items) {
 
 }  // namespace
 
+// server._native.GrpcKeepalive: Triton's --grpc-keepalive-* / --grpc-http2-* flags (keepalive.hpp).
+void register_keepalive(nb::module_& m) {
+  using namespace nb::literals;
+  using std::chrono::milliseconds;
+  nb::class_<grpc::KeepaliveOptions>(
+      m, "GrpcKeepalive",
+      "Keepalive and PING policy of every connection, with grpc-core's server semantics and\n"
+      "Triton's defaults (times in milliseconds).")
+      .def(
+          "__init__",
+          [](grpc::KeepaliveOptions* self, long long time_ms, long long timeout_ms,
+             bool permit_without_calls, int max_pings_without_data,
+             long long min_recv_ping_interval_without_data_ms, int max_ping_strikes) {
+            if (time_ms < 1 || timeout_ms < 1) {
+              throw nb::value_error("keepalive time and timeout must be at least 1 ms");
+            }
+            if (max_pings_without_data < 0 || min_recv_ping_interval_without_data_ms < 0 ||
+                max_ping_strikes < 0) {
+              throw nb::value_error("PING limits must not be negative");
+            }
+            grpc::KeepaliveOptions options;
+            options.time = milliseconds(time_ms);
+            options.timeout = milliseconds(timeout_ms);
+            options.permit_without_calls = permit_without_calls;
+            options.max_pings_without_data = max_pings_without_data;
+            options.min_recv_ping_interval_without_data =
+                milliseconds(min_recv_ping_interval_without_data_ms);
+            options.max_ping_strikes = max_ping_strikes;
+            new (self) grpc::KeepaliveOptions(options);
+          },
+          "time_ms"_a = 7'200'000, "timeout_ms"_a = 20'000, "permit_without_calls"_a = false,
+          "max_pings_without_data"_a = 2, "min_recv_ping_interval_without_data_ms"_a = 300'000,
+          "max_ping_strikes"_a = 2)
+      .def_prop_ro("time_ms", [](const grpc::KeepaliveOptions& o) { return o.time.count(); })
+      .def_prop_ro("timeout_ms",
+                   [](const grpc::KeepaliveOptions& o) { return o.timeout.count(); })
+      .def_ro("permit_without_calls", &grpc::KeepaliveOptions::permit_without_calls)
+      .def_ro("max_pings_without_data", &grpc::KeepaliveOptions::max_pings_without_data)
+      .def_prop_ro("min_recv_ping_interval_without_data_ms",
+                   [](const grpc::KeepaliveOptions& o) {
+                     return o.min_recv_ping_interval_without_data.count();
+                   })
+      .def_ro("max_ping_strikes", &grpc::KeepaliveOptions::max_ping_strikes);
+}
+
 void register_grpc_frontend(nb::module_& m) {
   using namespace nb::literals;
+  register_keepalive(m);
   nb::class_<GrpcFrontend>(
       m, "GrpcFrontend",
-      "A gRPC server transport (cleartext HTTP/2, nghttp2) on its own I/O thread.\n\n"
+      "A gRPC server transport (HTTP/2 on nghttp2, cleartext or TLS) on its own I/O thread.\n\n"
       "Complete calls are queued as ready items and announced on ``fileno()``; the\n"
       "application drains them with ``take()`` and answers many calls per ``respond()``.\n"
       "gzip / deflate messages are inflated here; messages above ``max_message_bytes``\n"
@@ -227,7 +299,12 @@ void register_grpc_frontend(nb::module_& m) {
           "__init__",
           [](GrpcFrontend* self, const std::string& host, int port, std::size_t max_message_bytes,
              const std::string& service, const std::vector<std::string>& streaming_methods,
-             const std::vector<std::string>& extra_services) {
+             const std::vector<std::string>& extra_services,
+             const std::vector<std::string>& metadata_prefixes, const std::string& server_cert,
+             const std::string& server_key, const std::string& root_cert, bool mutual,
+             double tls_handshake_timeout_s, bool reuse_port, std::size_t max_connections,
+             std::size_t max_buffered_bytes, std::size_t max_connection_buffered_bytes,
+             const grpc::KeepaliveOptions& keepalive) {
             if (port < 0 || port > 65535) {
               throw nb::value_error(("port must be 0..65535, got " + std::to_string(port)).c_str());
             }
@@ -245,6 +322,25 @@ void register_grpc_frontend(nb::module_& m) {
                                        "other than the primary one").c_str());
               }
             }
+            if (server_cert.empty() != server_key.empty()) {
+              throw nb::value_error("TLS needs both server_cert and server_key");
+            }
+            if ((mutual || !root_cert.empty()) && server_cert.empty()) {
+              throw nb::value_error("mutual TLS and root_cert need server_cert and server_key");
+            }
+            if (mutual && root_cert.empty()) {
+              throw nb::value_error("mutual TLS needs root_cert, the CA client certificates "
+                                    "are checked against");
+            }
+            if (!(tls_handshake_timeout_s > 0.0 && tls_handshake_timeout_s <= 3600.0)) {
+              throw nb::value_error("tls_handshake_timeout_s must be in (0, 3600]");
+            }
+            for (const std::string& prefix : metadata_prefixes) {
+              if (prefix.empty()) {
+                throw nb::value_error("metadata_prefixes: an empty prefix would keep every "
+                                      "header");
+              }
+            }
             grpc::FrontendOptions options;
             options.host = host;
             options.port = port;
@@ -252,13 +348,36 @@ void register_grpc_frontend(nb::module_& m) {
             options.service = service;
             options.extra_services = extra_services;
             options.streaming_methods = streaming_methods;
+            options.metadata_prefixes = metadata_prefixes;
+            options.tls = {server_cert, server_key, root_cert, mutual};
+            options.tls_handshake_timeout_s = tls_handshake_timeout_s;
+            options.reuse_port = reuse_port;
+            options.max_connections = max_connections;
+            options.max_buffered_bytes = max_buffered_bytes;
+            options.max_connection_buffered_bytes = max_connection_buffered_bytes;
+            options.keepalive = keepalive;
             // nanobind constructs bound objects in place, in storage it owns.
             new (self) GrpcFrontend(std::move(options));
           },
           "host"_a, "port"_a, "max_message_bytes"_a,
           "service"_a = "inference.GRPCInferenceService",
           "streaming_methods"_a = std::vector<std::string>{"ModelStreamInfer"},
-          "extra_services"_a = std::vector<std::string>{})
+          "extra_services"_a = std::vector<std::string>{},
+          "metadata_prefixes"_a = std::vector<std::string>{}, "server_cert"_a = "",
+          "server_key"_a = "", "root_cert"_a = "", "mutual"_a = false,
+          "tls_handshake_timeout_s"_a = 10.0, "reuse_port"_a = false,
+          "max_connections"_a = 10000, "max_buffered_bytes"_a = 0,
+          "max_connection_buffered_bytes"_a = 0, "keepalive"_a = grpc::KeepaliveOptions(),
+          "With server_cert and server_key (PEM files) the front end serves TLS 1.2+ and\n"
+          "requires ALPN h2; with mutual, clients must present a certificate that chains to\n"
+          "root_cert; a handshake not done within tls_handshake_timeout_s is disconnected.\n"
+          "ValueError when a file does not load. Request headers whose names start\n"
+          "with one of metadata_prefixes reach take() with the call's first item.\n"
+          "reuse_port sets SO_REUSEPORT. Beyond max_connections (0: no limit) connections are\n"
+          "closed with GOAWAY(ENHANCE_YOUR_CALM). Request bytes held for take(), in all and\n"
+          "per connection, are bounded by max_buffered_bytes and\n"
+          "max_connection_buffered_bytes (0: from max_message_bytes): beyond them a\n"
+          "connection is not read until take() drains. keepalive: a GrpcKeepalive.")
       .def(
           "start",
           [](GrpcFrontend& fe) {
@@ -281,11 +400,15 @@ void register_grpc_frontend(nb::module_& m) {
             fe.take(items);
             return ready_items_to_python(items);
           },
-          nb::sig("def take(self) -> list[tuple[int, str, bytes, int]]"),
-          "Drain the ready items (non-blocking): (call_id, method, message, kind) with kind 0 a\n"
-          "unary request, 1 a message of a streaming call, 2 its client half-closed, 3 the call\n"
-          "is gone (client reset or disconnected, deadline passed, or failed in the transport):\n"
-          "forget it. method is bare for the primary service, \"<service>/<method>\" else.")
+          nb::sig("def take(self) -> list[tuple[int, str, bytes, int, "
+                  "tuple[tuple[str, str], ...] | None]]"),
+          "Drain the ready items (non-blocking): (call_id, method, message, kind, metadata) with\n"
+          "kind 0 a unary request, 1 a message of a streaming call, 2 its client half-closed, 3\n"
+          "the call is gone (client reset or disconnected, deadline passed, or failed in the\n"
+          "transport): forget it. method is bare for the primary service,\n"
+          "\"<service>/<method>\" else. metadata: on a call's first item, its request headers\n"
+          "named by metadata_prefixes as ((name, value), ...), possibly empty; None on later\n"
+          "items.")
       .def("respond", &respond, "items"_a,
            nb::sig("def respond(self, items: collections.abc.Sequence[tuple[int, bytes | None, "
                    "int, str]]) -> None"),
@@ -305,7 +428,36 @@ void register_grpc_frontend(nb::module_& m) {
            nb::call_guard<nb::gil_scoped_release>(),
            "shutdown(), wait up to grace_s seconds for open calls to finish and flush, then\n"
            "close every socket and join the I/O thread. Idempotent.")
-      .def("active_calls", &GrpcFrontend::active_calls, "Calls whose HTTP/2 stream is open.");
+      .def("active_calls", &GrpcFrontend::active_calls, "Calls whose HTTP/2 stream is open.")
+      .def(
+          "failure",
+          [](const GrpcFrontend& fe) -> nb::object {
+            const std::string failure = fe.failure();
+            if (failure.empty()) {
+              return nb::none();
+            }
+            return nb::str(failure.c_str(), failure.size());
+          },
+          nb::sig("def failure(self) -> str | None"),
+          "Why the I/O thread stopped on its own (fileno() turns readable when it does), or\n"
+          "None: nothing is served after a failure, the application should exit.")
+      .def(
+          "stats",
+          [](const GrpcFrontend& fe) {
+            const grpc::FrontendStats s = fe.stats();
+            nb::dict out;
+            out["connections"] = s.connections;
+            out["paused_connections"] = s.paused_connections;
+            out["buffered_bytes"] = s.buffered_bytes;
+            return out;
+          },
+          nb::sig("def stats(self) -> dict[str, int]"),
+          "The I/O thread's state as of its last turn: connections (open, closing included),\n"
+          "paused_connections (not read until take() drains them), buffered_bytes (request\n"
+          "bytes held for take(): messages arriving and complete ones not taken).")
+      .def("inject_failure", &GrpcFrontend::inject_failure, "message"_a,
+           nb::call_guard<nb::gil_scoped_release>(),
+           "For tests: the I/O thread fails with `message` on its next turn.");
 }
 
 }  // namespace tachyon

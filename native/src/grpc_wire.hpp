@@ -6,6 +6,7 @@
 
 #include "grpc_compression.hpp"
 
+#include <algorithm>
 #include <chrono>
 #include <cstddef>
 #include <cstdint>
@@ -134,6 +135,7 @@ class MessageReader {
         continue;
       }
       const std::size_t n = len < need_ ? len : need_;
+      grow_for(n);
       message_.append(reinterpret_cast<const char*>(data), n);
       data += n;
       len -= n;
@@ -147,6 +149,17 @@ class MessageReader {
 
   // True between messages: the bytes fed so far end exactly on a message boundary.
   bool at_boundary() const { return prefix_have_ == 0; }
+
+  // Bytes of the message in progress held so far (0 between messages).
+  std::size_t buffered() const { return message_.size(); }
+
+  // Frees the message in progress; later bytes are dropped (feed() returns an error).
+  void discard() {
+    if (!error_) {
+      error_ = {kInternal, "the call ended"};
+    }
+    std::string().swap(message_);
+  }
 
  private:
   void begin_message() {
@@ -182,8 +195,25 @@ class MessageReader {
       return;
     }
     need_ = size;
+    declared_ = size;
     message_.clear();
-    message_.reserve(size);
+  }
+
+  // Room for `n` more bytes of the current message, grown with the bytes that arrived rather
+  // than reserved for the declared size up front: a client that declares 64 MB and sends
+  // nothing makes the server allocate nothing. Capacity grows fourfold, and to the declared size
+  // once that is at most twice the next step: a 64 MiB message is copied 21 MiB more than with
+  // one allocation (doubling copies 64 MiB more), and the capacity stays within 8x what came.
+  void grow_for(std::size_t n) {
+    const std::size_t need = message_.size() + n;
+    if (need <= message_.capacity()) {
+      return;
+    }
+    std::size_t capacity = std::max(need, 4 * message_.capacity());
+    if (2 * capacity >= declared_) {
+      capacity = declared_;
+    }
+    message_.reserve(capacity);
   }
 
   template <class OnMessage>
@@ -223,6 +253,7 @@ class MessageReader {
   std::uint8_t prefix_[kPrefixBytes] = {};
   std::size_t prefix_have_ = 0;
   std::size_t need_ = 0;  // bytes of the current message still to come
+  std::size_t declared_ = 0;  // the current message's size, from its prefix
   bool compressed_ = false;
   std::string message_;
   ReadError error_;

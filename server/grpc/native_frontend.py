@@ -14,6 +14,14 @@ Flow per event-loop iteration:
 - Finished answers are appended to a list, flushed with one `respond()` (and one
   `send_stream()` for stream messages) per loop iteration by a `call_soon` callback.
 
+Request metadata: the C++ side keeps a call's `triton-grpc-protocol-*` headers (bounded: 64 of
+them, 8 KiB in all, beyond which it refuses the call) and hands them over with the call's first
+item only. With `--grpc-restricted-protocol`, `_on_ready` checks a call to a restricted group
+against them before anything is parsed or run, and answers UNAVAILABLE with Triton's message
+(server/grpc/restricted.py maps methods to restrictions; server/restricted.py compares). A
+refused stream's later items (metadata None, no state here) are dropped. TLS (`tls_settings`)
+is done wholly on the C++ side, in its I/O thread.
+
 The C++ side answers by itself, and never delivers: gzip / deflate messages (it inflates them,
 bounded by the message limit, and compresses the answers when the client accepts it), oversized
 messages, unknown encodings, malformed framing, non-gRPC content types (HTTP 415), unknown
@@ -52,10 +60,14 @@ from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection_pb2
 
 from server import _native, proto
+from server.config import GrpcConnections
 from server.dataplane import DataPlane
 from server.errors import ServingError
 from server.grpc.health import HEALTH_SERVICE, REFLECTION_SERVICES, HealthService, ReflectionService
+from server.grpc.restricted import by_native_method, metadata_value
 from server.grpc.server import STATUS, UNIMPLEMENTED, GrpcService, parse_infer_request
+from server.restricted import GRPC_HEADER_PREFIX, Restriction, Restrictions
+from server.tls import TlsSettings
 
 log = logging.getLogger(__name__)
 
@@ -65,11 +77,13 @@ UNARY, STREAM_MESSAGE, HALF_CLOSED, CANCELLED = 0, 1, 2, 3
 OK = grpc.StatusCode.OK.value[0]
 UNIMPLEMENTED_CODE = grpc.StatusCode.UNIMPLEMENTED.value[0]
 INTERNAL = grpc.StatusCode.INTERNAL.value[0]
+UNAVAILABLE = grpc.StatusCode.UNAVAILABLE.value[0]
 CODES = {code: status.value[0] for code, status in STATUS.items()}
 MODEL_STREAM_INFER = "ModelStreamInfer"
 INFER_STREAMING = [name for name, (_, _, cs, ss) in proto.METHODS.items() if cs or ss]
 
 Response = tuple[int, bytes | None, int, str]
+Metadata = tuple[tuple[str, str], ...]
 Parse = Callable[[bytes], Any]
 UnaryHandler = Callable[[Any, Any], Awaitable[Any]]
 """`async (request, context=None) -> response` (a protobuf message or bytes)."""
@@ -155,9 +169,13 @@ async def _single(requests: AsyncIterator[Any], method: str) -> Any:
 
 class NativeGrpcServer:
     """Runs GrpcService's RPCs, and the handlers registered with add_unary / add_stream, for
-    the calls a GrpcFrontend receives."""
+    the calls a GrpcFrontend receives; with `restrictions`, refuses calls to a restricted group
+    that lack its header."""
 
-    def __init__(self, dataplane: DataPlane) -> None:
+    def __init__(self, dataplane: DataPlane, restrictions: Restrictions | None = None) -> None:
+        self._restricted: dict[str, Restriction] = (
+            by_native_method(restrictions) if restrictions else {}
+        )
         self._service = GrpcService(dataplane)
         self._model_infer = self._service.ModelInfer
         self._unary: dict[str, _UnaryMethod] = {}
@@ -175,6 +193,9 @@ class NativeGrpcServer:
         self._done: list[Response] = []
         self._stream_out: list[tuple[int, bytes]] = []
         self._flush_scheduled = False
+        self.on_failure: Callable[[str], None] | None = None
+        """Called once, on the event loop, should the I/O thread die (with why)."""
+        self._failed = False
 
     # -- registration (before serve) ------------------------------------------------------
 
@@ -203,17 +224,35 @@ class NativeGrpcServer:
         if method in self._unary or method in self._stream_methods:
             raise ValueError(f"method '{method}' is registered already")
 
-    def serve(self, host: str, port: int, max_message: int) -> None:
-        """Bind host:port and serve (call on the event loop's thread). OSError when the port
-        cannot be bound."""
+    def serve(
+        self, host: str, port: int, max_message: int, tls_settings: TlsSettings | None = None,
+        connections: GrpcConnections | None = None,
+    ) -> None:
+        """Bind host:port and serve (call on the event loop's thread), over TLS with
+        `tls_settings`, treating connections by `connections` (default: GrpcConnections()).
+        OSError when the port cannot be bound, ValueError when a TLS file does not load."""
+        c = connections or GrpcConnections()
         if self._fe is not None:
             raise RuntimeError("serve() may be called once")
         registered = (m for m in (*self._unary, *self._stream_methods) if "/" in m)
         extra = sorted({m.partition("/")[0] for m in registered})
+        tls = tls_settings
         frontend = _native.GrpcFrontend(
             host, port, max_message, service=proto.SERVICE_NAME,
             streaming_methods=[*INFER_STREAMING, *self._stream_methods],
             extra_services=extra,
+            metadata_prefixes=[GRPC_HEADER_PREFIX],
+            server_cert="" if tls is None else str(tls.server_cert),
+            server_key="" if tls is None else str(tls.server_key),
+            root_cert="" if tls is None or tls.root_cert is None else str(tls.root_cert),
+            mutual=tls is not None and tls.mutual,
+            reuse_port=c.reuse_port,
+            max_connections=c.max_connections,
+            keepalive=_native.GrpcKeepalive(
+                c.keepalive_time_ms, c.keepalive_timeout_ms, c.keepalive_permit_without_calls,
+                c.http2_max_pings_without_data, c.http2_min_recv_ping_interval_without_data_ms,
+                c.http2_max_ping_strikes,
+            ),
         )
         frontend.start()
         self._fe = frontend
@@ -227,6 +266,18 @@ class NativeGrpcServer:
     def active_calls(self) -> int:
         return self._frontend().active_calls()
 
+    def failure(self) -> str | None:
+        """Why the I/O thread died (nothing is served any more), or None while it runs."""
+        return None if self._fe is None else self._fe.failure()
+
+    def inject_failure(self, message: str) -> None:
+        """For tests: the I/O thread fails with `message`, as if its loop had raised."""
+        self._frontend().inject_failure(message)
+
+    def stats(self) -> dict[str, int]:
+        """Connections, those paused for the request byte budget, and the bytes held."""
+        return self._frontend().stats()
+
     def _frontend(self) -> _native.GrpcFrontend:
         if self._fe is None:
             raise RuntimeError("the native gRPC server is not serving yet (call serve())")
@@ -236,10 +287,15 @@ class NativeGrpcServer:
 
     def _on_ready(self) -> None:
         assert self._fe is not None
+        if not self._failed and (failure := self._fe.failure()) is not None:
+            self._io_failed(failure)
         create_task = self._loop.create_task
         calls = self._calls
         infer = self._infer
-        for call_id, method, message, kind in self._fe.take():
+        restricted = self._restricted
+        for call_id, method, message, kind, metadata in self._fe.take():
+            if restricted and metadata is not None and self._refused(call_id, method, metadata):
+                continue
             if kind == UNARY:
                 if method == "ModelInfer":
                     calls[call_id] = create_task(infer(call_id, message))
@@ -249,12 +305,32 @@ class NativeGrpcServer:
                 self._cancelled(call_id)
             elif method == MODEL_STREAM_INFER:
                 if kind == STREAM_MESSAGE:
-                    self._stream_message(call_id, message)
+                    self._stream_message(call_id, message, metadata is not None)
                 else:
-                    self._half_closed(call_id)
+                    self._half_closed(call_id, metadata is not None)
             else:
                 request = message if kind == STREAM_MESSAGE else None
-                self._handler_stream_item(call_id, method, request)
+                self._handler_stream_item(call_id, method, request, metadata is not None)
+
+    def _io_failed(self, failure: str) -> None:
+        """The I/O thread died (its eventfd turned readable for it): nothing arrives or leaves
+        any more. Its last items (the calls it cancelled) are still taken by _on_ready."""
+        assert self._fe is not None
+        self._failed = True
+        with contextlib.suppress(ValueError, OSError):
+            self._loop.remove_reader(self._fe.fileno())
+        log.critical("gRPC (native front end): the I/O thread failed: %s", failure)
+        if self.on_failure is not None:
+            self.on_failure(failure)
+
+    def _refused(self, call_id: int, method: str, metadata: Metadata) -> bool:
+        """Answers a call to a restricted group without its header UNAVAILABLE (Triton's code
+        and message), before anything runs; False when the call may go on."""
+        restriction = self._restricted.get(method)
+        if restriction is None or restriction.allows(metadata_value(metadata, restriction.header)):
+            return False
+        self._finish(call_id, None, UNAVAILABLE, restriction.grpc_message())
+        return True
 
     def _finish(self, call_id: int, message: bytes | None, status: int, text: str) -> None:
         self._calls.pop(call_id, None)
@@ -326,9 +402,11 @@ class NativeGrpcServer:
 
     # -- ModelStreamInfer -----------------------------------------------------------------
 
-    def _stream_message(self, call_id: int, message: bytes) -> None:
+    def _stream_message(self, call_id: int, message: bytes, first: bool) -> None:
         stream = self._streams.get(call_id)
         if stream is None:
+            if not first:
+                return  # a later message of a stream answered already (refused)
             stream = self._streams[call_id] = _Stream()
         task = self._loop.create_task(self._stream_answer(call_id, stream, message))
         stream.tasks.add(task)
@@ -353,8 +431,10 @@ class NativeGrpcServer:
                 del self._streams[call_id]
                 self._finish(call_id, None, OK, "")
 
-    def _half_closed(self, call_id: int) -> None:
+    def _half_closed(self, call_id: int, first: bool) -> None:
         stream = self._streams.get(call_id)
+        if stream is None and not first:
+            return  # a stream answered already (refused)
         if stream is None or not stream.tasks:
             self._streams.pop(call_id, None)
             self._finish(call_id, None, OK, "")  # every answer is out (or none was asked)
@@ -363,10 +443,15 @@ class NativeGrpcServer:
 
     # -- registered stream methods --------------------------------------------------------
 
-    def _handler_stream_item(self, call_id: int, method: str, message: bytes | None) -> None:
-        """One request message (None: the client half-closed) of a registered stream."""
+    def _handler_stream_item(
+        self, call_id: int, method: str, message: bytes | None, first: bool
+    ) -> None:
+        """One request message (None: the client half-closed) of a registered stream; `first`:
+        the call's first item."""
         stream = self._handler_streams.get(call_id)
         if stream is None:
+            if not first:
+                return  # a stream answered already (refused, unknown or finished)
             entry = self._stream_methods.get(method)
             if entry is None:
                 self._finish(call_id, None, UNIMPLEMENTED_CODE, "Method not found!")
@@ -484,18 +569,29 @@ async def start(
     port: int,
     max_message: int,
     health: HealthService | None = None,
+    *,
+    tls_settings: TlsSettings | None = None,
+    restrictions: Restrictions | None = None,
+    connections: GrpcConnections | None = None,
+    on_failure: Callable[[str], None] | None = None,
 ) -> NativeGrpcServer:
     """Serves GrpcService on host:port through the native front end, with the health service
-    and reflection when `health` is given. Raises RuntimeError when this build lacks the front
-    end (no nghttp2 at build time), OSError when the port cannot be bound."""
+    and reflection when `health` is given, over TLS with `tls_settings`, refusing calls to
+    groups in `restrictions` without their header. Raises RuntimeError when this build lacks
+    the front end (no nghttp2 or OpenSSL at build time), OSError when the port cannot be bound,
+    ValueError when a TLS file does not load. `connections`: reuse-port, connection limit and
+    keepalive policy; `on_failure(why)` runs should the I/O thread die."""
     if not available():
         raise RuntimeError(
-            "this build of server._native has no native gRPC front end (nghttp2 was not found "
-            "at build time: apt-get install libnghttp2-dev, then reinstall); use grpcio"
+            "this build of server._native has no native gRPC front end (nghttp2, zlib or OpenSSL "
+            "was not found at build time: apt-get install libnghttp2-dev zlib1g-dev libssl-dev, "
+            "then reinstall); use grpcio"
         )
-    server = NativeGrpcServer(dataplane)
+    server = NativeGrpcServer(dataplane, restrictions)
+    server.on_failure = on_failure
     if health is not None:
         add_health_and_reflection(server, health)
-    server.serve(host, port, max_message)
-    log.info("gRPC (native front end) listening on %s:%d", host, server.port)
+    server.serve(host, port, max_message, tls_settings, connections)
+    tls = "" if tls_settings is None else " (mutual TLS)" if tls_settings.mutual else " (TLS)"
+    log.info("gRPC (native front end) listening on %s:%d%s", host, server.port, tls)
     return server

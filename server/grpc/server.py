@@ -17,6 +17,7 @@ from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection_pb2
 
 from server import proto, tracing
+from server.config import GrpcConnections
 from server.dataplane import DataPlane
 from server.errors import Code, ServingError, invalid
 from server.grpc._wire import bytes_field, split_bytes_field
@@ -429,13 +430,15 @@ async def start(
     *,
     tls_settings: TlsSettings | None = None,
     restrictions: Restrictions | None = None,
+    connections: GrpcConnections | None = None,
 ) -> grpc.aio.Server:
     """Serves on host:port, over TLS with `tls_settings`; with `restrictions`, calls to a
-    restricted group without its header are refused (server/grpc/restricted.py)."""
+    restricted group without its header are refused (server/grpc/restricted.py);
+    `connections`: reuse-port, connection limit and keepalive as grpc-core channel arguments."""
     options = [
         ("grpc.max_receive_message_length", max_message),
         ("grpc.max_send_message_length", max_message),
-        ("grpc.so_reuseport", 1),
+        *(connections or GrpcConnections()).grpc_options(),
     ]
     interceptors = [RestrictedProtocolInterceptor(restrictions)] if restrictions else []
     server = grpc.aio.server(options=options, interceptors=interceptors)

@@ -34,6 +34,7 @@ from server.http._codec import (
     encode_infer_response,
     encode_offloaded,
 )
+from server.http._protocol import HEAD_TIMEOUT, bounded_protocol
 from server.statistics import Duration, ModelStats
 from server.tracing import RequestTrace
 from server.types import InferResponse
@@ -370,15 +371,18 @@ async def _trace_sent(trace: RequestTrace, response: InferResponse) -> None:
 
 
 def make_server(
-    dataplane: DataPlane, host: str, port: int, max_request_bytes: int
+    dataplane: DataPlane, host: str, port: int, max_request_bytes: int,
+    head_timeout: float = HEAD_TIMEOUT,
 ) -> uvicorn.Server:
+    """uvicorn on httptools, with a request head bounded in time (`head_timeout` seconds: a
+    slowloris client does not hold its connection forever) and size (server/http/_protocol.py)."""
     app = HttpApp(dataplane, max_request_bytes).app
     config = uvicorn.Config(
         app,
         host=host,
         port=port,
         loop="none",
-        http="httptools",
+        http=bounded_protocol(head_timeout),
         lifespan="off",
         log_level="warning",
         access_log=False,

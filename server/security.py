@@ -1,9 +1,10 @@
 """Start-time checks of the TLS and restricted-API settings taken together, and their
 application to the HTTP server.
 
-Refusals: settings the chosen transports cannot honour (the native gRPC front end has no TLS
-and does not hand request metadata to Python yet), so a server never starts in cleartext or
-unrestricted when asked for TLS or restrictions. Warnings: model control open to the network.
+Refusals: settings the chosen transports cannot honour, so a server never starts in cleartext
+or unrestricted when asked for TLS or restrictions. Both gRPC front ends serve TLS and check
+restrictions; what is left is a build without the native front end asked to use it. Warnings:
+model control open to the network.
 """
 
 from __future__ import annotations
@@ -30,20 +31,19 @@ class SecurityError(RuntimeError):
 
 def refusals(settings: ServerSettings) -> list[str]:
     """What the chosen transports cannot do of what the settings ask, one message each."""
-    problems = []
-    if settings.allow_grpc and settings.grpc_frontend == "native":
-        if settings.grpc_tls is not None:
-            problems.append(
-                "--grpc-use-ssl: the native gRPC front end serves cleartext HTTP/2 only; add "
-                "--grpc-frontend grpcio to serve gRPC over TLS"
-            )
-        if settings.grpc_restricted:
-            problems.append(
-                "--grpc-restricted-protocol: the native gRPC front end does not hand request "
-                "metadata to Python yet, so it cannot check the header; add --grpc-frontend "
-                "grpcio to restrict gRPC"
-            )
-    return problems
+    if settings.allow_grpc and settings.grpc_frontend == "native" and not _have_native_grpc():
+        return [
+            "--grpc-frontend native: this build of server._native has no native gRPC front end "
+            "(nghttp2, zlib or OpenSSL was missing when it was built); add --grpc-frontend "
+            "grpcio, or install libnghttp2-dev zlib1g-dev libssl-dev and reinstall"
+        ]
+    return []
+
+
+def _have_native_grpc() -> bool:
+    from server import _native
+
+    return bool(getattr(_native, "HAVE_GRPC_FRONTEND", False))
 
 
 def exposure_warnings(settings: ServerSettings) -> list[str]:

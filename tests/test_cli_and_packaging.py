@@ -38,6 +38,19 @@ def test_serve_refuses_a_missing_repository(tmp_path: Path) -> None:
     assert "is not a directory" in result.stderr
 
 
+def test_native_frontend_missing_from_the_build_is_refused(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from server import _native, cli
+
+    monkeypatch.setattr(_native, "HAVE_GRPC_FRONTEND", False, raising=False)
+    code = cli.main(["serve", "--model-repository", str(tmp_path), "--grpc-frontend", "native"])
+    assert code == 2
+    error = capsys.readouterr().err
+    assert "--grpc-frontend native: this build of server._native has no native gRPC" in error
+    assert "add --grpc-frontend grpcio" in error
+
+
 def test_dockerfile_passes_hadolint() -> None:
     hadolint = shutil.which("hadolint") or str(Path(sys.executable).parent / "hadolint")
     result = subprocess.run(

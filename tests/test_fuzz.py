@@ -4,9 +4,10 @@
   the native wire code and HTTP/2 front end, atheris over the Python request decoders) for
   FUZZ_SECONDS (env TACHYON_FUZZ_SECONDS, default 20), from the seeds in fuzz/corpus/. A finding
   fails the test and prints the input that caused it.
-- ``test_native_tests_under_sanitizers``: tests/test_native.py and tests/test_native_grpc.py
-  against server._native built with -fsanitize=address,undefined (build/sanitized), libasan
-  preloaded into the interpreter; any sanitizer report fails it.
+- ``test_native_tests_under_sanitizers``: tests/test_native.py, tests/test_native_grpc.py and
+  the native front end's TLS and metadata tests against server._native built with
+  -fsanitize=address,undefined (build/sanitized), libasan preloaded into the interpreter; any
+  sanitizer report fails it.
 - The reproducers of what the fuzzers found, as plain unit tests.
 
 The builds are incremental CMake builds (scripts/setup --test runs them first), so the tests
@@ -104,7 +105,8 @@ def test_native_tests_under_sanitizers(built: None) -> None:
     # CPython keeps memory alive at exit by design: leaks are not findings here.
     env["ASAN_OPTIONS"] = "detect_leaks=0:abort_on_error=1"
     env["UBSAN_OPTIONS"] = "print_stacktrace=1:halt_on_error=1"
-    tests = ["tests/test_native.py", "tests/test_native_grpc.py"]
+    tests = ["tests/test_native.py", "tests/test_native_grpc.py", "tests/test_native_tls.py",
+             "tests/test_native_metadata.py"]
     proc = subprocess.run(
         [sys.executable, "-c", SANITIZED_PYTEST, str(module), *tests, "-q", "-p",
          "no:cacheprovider", "-o", "addopts=", "--timeout=300"],

@@ -73,7 +73,7 @@ def wait_items(fe: Any, count: int, timeout: float = 10.0) -> list[Item]:
         left = deadline - time.monotonic()
         assert left > 0, f"got {len(items)} of {count} items: {items}"
         if readable(fe, left):
-            items.extend(fe.take())
+            items.extend(item[:4] for item in fe.take())  # metadata: see test_native_tls
     return items
 
 

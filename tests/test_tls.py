@@ -1,5 +1,6 @@
 """TLS with Triton's flags: real servers, tritonclient over TLS and mutual TLS, plaintext and
-certificate-less clients refused, bad flags and files refused at start naming the flag.
+certificate-less clients refused, bad flags and files refused at start naming the flag. The gRPC
+cases run on both front ends (native and grpcio); HTTP's beside the native one.
 
 The test makes its own CA, a server certificate for 127.0.0.1/localhost and client
 certificates (one from the CA, one from a stranger CA) with `cryptography`.
@@ -32,6 +33,12 @@ from server import cli
 from tests.conftest import BUNDLED, RunningServer, ServerFactory, tachyon_command
 
 MODEL = "identity_fp32"
+NATIVE = "native"
+FRONTENDS = (NATIVE, "grpcio")
+over_both_frontends = pytest.mark.parametrize("frontend", FRONTENDS, indirect=True)
+"""Runs a test once per gRPC front end (the servers it asks for serve gRPC with that one)."""
+beside_native = pytest.mark.parametrize("frontend", [NATIVE], indirect=True)
+"""HTTP tests: on the gRPC tests' native servers (no server started for HTTP alone)."""
 
 
 # -- a throwaway PKI ------------------------------------------------------------------------
@@ -159,17 +166,25 @@ def client_context(pki: Pki, cert: Path | None = None, key: Path | None = None) 
 
 
 @pytest.fixture(scope="module")
-def tls_server(start_server: ServerFactory, pki: Pki, repository: Path) -> RunningServer:
+def frontend(request: pytest.FixtureRequest) -> str:
+    """The gRPC front end of the servers below (over_both_frontends, beside_native)."""
+    return str(request.param)
+
+
+@pytest.fixture(scope="module")
+def tls_server(start_server: ServerFactory, pki: Pki, repository: Path,
+               frontend: str) -> RunningServer:
     return start_server(
-        repository, "--grpc-frontend", "grpcio", *tls_flags("grpc", pki, mutual=False),
+        repository, "--grpc-frontend", frontend, *tls_flags("grpc", pki, mutual=False),
         *tls_flags("http", pki, mutual=False), ssl_context=client_context(pki),
     )
 
 
 @pytest.fixture(scope="module")
-def mutual_server(start_server: ServerFactory, pki: Pki, repository: Path) -> RunningServer:
+def mutual_server(start_server: ServerFactory, pki: Pki, repository: Path,
+                  frontend: str) -> RunningServer:
     return start_server(
-        repository, "--grpc-frontend", "grpcio", *tls_flags("grpc", pki, mutual=True),
+        repository, "--grpc-frontend", frontend, *tls_flags("grpc", pki, mutual=True),
         *tls_flags("http", pki, mutual=True),
         ssl_context=client_context(pki, pki.client_cert, pki.client_key),
     )
@@ -228,16 +243,19 @@ def http_get(server: RunningServer, scheme: str, context: ssl.SSLContext | None 
 # -- TLS -------------------------------------------------------------------------------------
 
 
+@over_both_frontends
 def test_grpc_over_tls_with_tritonclient(tls_server: RunningServer, pki: Pki) -> None:
     client = grpc_client(tls_server, pki)
     assert client.is_server_live()
     infer_identity(client, grpcclient)
 
 
+@over_both_frontends
 def test_grpc_plaintext_client_is_refused(tls_server: RunningServer) -> None:
     assert refused_over_grpc(grpc_client(tls_server, None)) == "StatusCode.UNAVAILABLE"
 
 
+@beside_native
 def test_https_with_tritonclient(tls_server: RunningServer, pki: Pki) -> None:
     client = http_client(tls_server, pki)
     assert client.is_server_live()
@@ -245,11 +263,13 @@ def test_https_with_tritonclient(tls_server: RunningServer, pki: Pki) -> None:
     assert http_get(tls_server, "https", client_context(pki)) == 200
 
 
+@beside_native
 def test_http_plaintext_client_is_refused(tls_server: RunningServer) -> None:
     with pytest.raises(OSError):  # the TLS server drops a cleartext request
         http_get(tls_server, "http")
 
 
+@beside_native
 def test_https_client_that_does_not_trust_the_server_refuses_it(tls_server: RunningServer) -> None:
     with pytest.raises(urllib.error.URLError) as info:
         http_get(tls_server, "https", ssl.create_default_context())
@@ -259,6 +279,7 @@ def test_https_client_that_does_not_trust_the_server_refuses_it(tls_server: Runn
 # -- mutual TLS ------------------------------------------------------------------------------
 
 
+@over_both_frontends
 def test_grpc_mutual_tls(mutual_server: RunningServer, pki: Pki) -> None:
     client = grpc_client(mutual_server, pki, pki.client_cert, pki.client_key)
     assert client.is_server_live()
@@ -269,6 +290,7 @@ def test_grpc_mutual_tls(mutual_server: RunningServer, pki: Pki) -> None:
     assert refused_over_grpc(grpc_client(mutual_server, None)) == "StatusCode.UNAVAILABLE"
 
 
+@beside_native
 def test_https_mutual_tls(mutual_server: RunningServer, pki: Pki) -> None:
     client = http_client(mutual_server, pki, pki.client_cert, pki.client_key)
     assert client.is_server_live()
@@ -322,11 +344,9 @@ def _serve_error(capsys: pytest.CaptureFixture[str], repository: Path, *flags: s
         (["--http-use-ssl-mutual", "--http-server-cert", "{cert}", "--http-server-key", "{key}",
           "--http-root-cert", "{keyfile_as_root}"], "--http-root-cert {keyfile_as_root}: no "
          "usable certificate in it"),
-        (["--grpc-frontend", "native", "--grpc-use-ssl", "--grpc-server-cert", "{cert}",
-          "--grpc-server-key", "{key}"], "add --grpc-frontend grpcio to serve gRPC over TLS"),
     ],
     ids=["cert-without-key", "files-without-use-ssl", "mutual-without-root", "key-mismatch",
-         "not-pem", "encrypted-key", "root-without-cert", "native-frontend"],
+         "not-pem", "encrypted-key", "root-without-cert"],
 )
 def test_bad_tls_flags_are_refused_naming_the_flag(
     capsys: pytest.CaptureFixture[str], pki: Pki, repository: Path, tmp_path: Path,

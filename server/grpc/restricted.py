@@ -1,5 +1,7 @@
-"""`--grpc-restricted-protocol` on grpc.aio: a server interceptor that refuses a call to a
-restricted group unless its metadata carries the header, before any handler runs.
+"""`--grpc-restricted-protocol` on gRPC: on grpc.aio a server interceptor that refuses a call to
+a restricted group unless its metadata carries the header, before any handler runs; for the
+native front end the restriction of each method by the name it gives calls (it checks them in
+`NativeGrpcServer` before dispatching).
 
 Installed only when some group is restricted, so unrestricted servers pay nothing per call.
 """
@@ -11,14 +13,28 @@ from typing import Any
 
 import grpc
 
-from server.restricted import Restrictions, grpc_group
+from server.proto import SERVICE_NAME
+from server.restricted import GRPC_METHOD_GROUPS, Restriction, Restrictions, grpc_group
 
 
-def _first(metadata: Sequence[tuple[str, Any]] | None, key: str) -> str | bytes | None:
+def metadata_value(metadata: Sequence[tuple[str, Any]] | None, key: str) -> str | bytes | None:
+    """The first value of `key` in a call's metadata, None when absent."""
     for name, value in metadata or ():
         if name == key:
             return value
     return None
+
+
+def by_native_method(restrictions: Restrictions) -> dict[str, Restriction]:
+    """The restriction of every restricted method, by the name the native front end gives its
+    calls: bare for the inference service ("ModelInfer"), "<service>/<method>" for others."""
+    found = {}
+    for full_name, group in GRPC_METHOD_GROUPS.items():
+        restriction = restrictions.get(group)
+        if restriction is not None:
+            service, _, method = full_name.removeprefix("/").partition("/")
+            found[method if service == SERVICE_NAME else f"{service}/{method}"] = restriction
+    return found
 
 
 def _refusal(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHandler:
@@ -50,6 +66,6 @@ class RestrictedProtocolInterceptor(grpc.aio.ServerInterceptor):
         restriction = self.restrictions.get(grpc_group(details.method))
         if handler is None or restriction is None:
             return handler
-        if restriction.allows(_first(details.invocation_metadata, restriction.header)):
+        if restriction.allows(metadata_value(details.invocation_metadata, restriction.header)):
             return handler
         return _refusal(handler, restriction.grpc_message())

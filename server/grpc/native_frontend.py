@@ -84,6 +84,7 @@ INFER_STREAMING = [name for name, (_, _, cs, ss) in proto.METHODS.items() if cs 
 
 Response = tuple[int, bytes | None, int, str]
 Metadata = tuple[tuple[str, str], ...]
+TRACE_HEADERS = ("traceparent", "tracestate")  # W3C trace context, kept when tracing is on
 Parse = Callable[[bytes], Any]
 UnaryHandler = Callable[[Any, Any], Awaitable[Any]]
 """`async (request, context=None) -> response` (a protobuf message or bytes)."""
@@ -241,7 +242,10 @@ class NativeGrpcServer:
             host, port, max_message, service=proto.SERVICE_NAME,
             streaming_methods=[*INFER_STREAMING, *self._stream_methods],
             extra_services=extra,
-            metadata_prefixes=[GRPC_HEADER_PREFIX],
+            # W3C trace context only when tracing is on: the hot path keeps no headers otherwise
+            metadata_prefixes=[GRPC_HEADER_PREFIX, *(
+                TRACE_HEADERS if self._service.dataplane.tracer is not None else ()
+            )],
             server_cert="" if tls is None else str(tls.server_cert),
             server_key="" if tls is None else str(tls.server_key),
             root_cert="" if tls is None or tls.root_cert is None else str(tls.root_cert),
@@ -298,7 +302,7 @@ class NativeGrpcServer:
                 continue
             if kind == UNARY:
                 if method == "ModelInfer":
-                    calls[call_id] = create_task(infer(call_id, message))
+                    calls[call_id] = create_task(infer(call_id, message, metadata))
                 else:
                     self._start_unary(call_id, method, message)
             elif kind == CANCELLED:
@@ -359,9 +363,9 @@ class NativeGrpcServer:
 
     # -- unary calls ----------------------------------------------------------------------
 
-    async def _infer(self, call_id: int, message: bytes) -> None:
-        try:
-            response = await self._model_infer(message, None)
+    async def _infer(self, call_id: int, message: bytes, metadata: Metadata | None) -> None:
+        try:  # the call's kept headers stand for grpc.aio's context (tracing reads them)
+            response = await self._model_infer(message, metadata)
         except ServingError as exc:
             self._finish(call_id, None, CODES[exc.code], exc.message)
         except Exception as exc:

@@ -2,7 +2,7 @@
 
 - ``test_fuzz_target[...]``: every fuzz target of tools/fuzz.py (libFuzzer + ASan + UBSan over
   the native wire code and HTTP/2 front end, atheris over the Python request decoders) for
-  FUZZ_SECONDS (env TACHYON_FUZZ_SECONDS, default 30, as the issue asks), from the seeds in fuzz/corpus/. A finding
+  FUZZ_SECONDS (env TACHYON_FUZZ_SECONDS, default 30), from the seeds in fuzz/corpus/. A finding
   fails the test and prints the input that caused it.
 - ``test_native_tests_under_sanitizers``: tests/test_native.py, tests/test_native_grpc.py and
   the native front end's TLS and metadata tests against server._native built with

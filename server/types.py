@@ -103,15 +103,27 @@ class TensorSpec:
         return (-1, *self.dims) if max_batch_size > 0 else self.dims
 
 
+@dataclass(frozen=True, slots=True)
+class SharedMemoryRef:
+    """Where a tensor lives in system shared memory: `byte_size` bytes at `offset` in the
+    registered region `region` (Triton's shared_memory_* tensor parameters)."""
+
+    region: str
+    byte_size: int
+    offset: int = 0
+
+
 @dataclass(slots=True)
 class InferInput:
     """A decoded input tensor: `data` has `shape` and the numpy dtype of `datatype`
-    (an object array of bytes for BYTES)."""
+    (an object array of bytes for BYTES). An input in shared memory has an empty `data`
+    until the data plane reads it from its region (server/shared_memory.py)."""
 
     name: str
     datatype: DataType
     shape: tuple[int, ...]
     data: Array
+    shared_memory: SharedMemoryRef | None = None
 
 
 @dataclass(slots=True)
@@ -119,6 +131,7 @@ class RequestedOutput:
     name: str
     binary: bool | None = None  # HTTP only: binary_data; None means the server default
     class_count: int = 0
+    shared_memory: SharedMemoryRef | None = None  # written there; the response has no data
 
 
 Parameters = dict[str, "bool | int | float | str"]
@@ -147,6 +160,8 @@ class OutputTensor:
     datatype: DataType
     shape: tuple[int, ...]
     data: Array
+    shared_memory: SharedMemoryRef | None = None
+    """Set once the output was written to this region; `data` is then empty."""
 
 
 @dataclass(slots=True)

@@ -18,8 +18,10 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
+
+from server.cache import CacheTotals
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +82,26 @@ class Metrics:
             "tachyon_batch_size", "Rows per model execution", LABELS, buckets=BATCH_BUCKETS,
             registry=r,
         )
+        # Triton's nv_cache_*_per_model (durations as histograms in seconds, as ours are)
+        self.cache_hits = Counter(
+            "tachyon_cache_num_hits_per_model", "Requests answered from the response cache",
+            LABELS, registry=r,
+        )
+        self.cache_misses = Counter(
+            "tachyon_cache_num_misses_per_model",
+            "Requests the response cache did not hold (executed, then inserted)", LABELS,
+            registry=r,
+        )
+        self.cache_hit_duration = Histogram(
+            "tachyon_cache_hit_duration_per_model_seconds",
+            "Time to look up a cached response and copy it out, per hit", LABELS,
+            buckets=buckets, registry=r,
+        )
+        self.cache_miss_duration = Histogram(
+            "tachyon_cache_miss_duration_per_model_seconds",
+            "Time to look up a request and insert its response, per miss", LABELS,
+            buckets=buckets, registry=r,
+        )
 
     def version(self, model: str, version: int) -> VersionMetrics:
         return VersionMetrics(self, model, str(version))
@@ -91,7 +113,8 @@ class Metrics:
         for family in (
             self.success, self.inference_count, self.execution_count, self.request_duration,
             self.queue_duration, self.compute_input_duration, self.compute_infer_duration,
-            self.compute_output_duration, self.batch_size,
+            self.compute_output_duration, self.batch_size, self.cache_hits, self.cache_misses,
+            self.cache_hit_duration, self.cache_miss_duration,
         ):
             family.remove(*labels)  # a label set that has no series is skipped
         for reason in FAILURE_REASONS:
@@ -105,8 +128,9 @@ class VersionMetrics:
     """The label children of one model version, bound once (`labels()` is slow)."""
 
     __slots__ = (
-        "batch_size", "compute_infer", "compute_input", "compute_output", "executions",
-        "failures", "inferences", "queue", "request", "success",
+        "batch_size", "cache_hit_duration", "cache_hits", "cache_miss_duration", "cache_misses",
+        "compute_infer", "compute_input", "compute_output", "executions", "failures",
+        "inferences", "queue", "request", "success",
     )
 
     def __init__(self, metrics: Metrics, model: str, version: str) -> None:
@@ -123,6 +147,10 @@ class VersionMetrics:
         self.compute_infer = metrics.compute_infer_duration.labels(*labels)
         self.compute_output = metrics.compute_output_duration.labels(*labels)
         self.batch_size = metrics.batch_size.labels(*labels)
+        self.cache_hits = metrics.cache_hits.labels(*labels)
+        self.cache_misses = metrics.cache_misses.labels(*labels)
+        self.cache_hit_duration = metrics.cache_hit_duration.labels(*labels)
+        self.cache_miss_duration = metrics.cache_miss_duration.labels(*labels)
 
 
 class StateCollector(Collector):
@@ -159,6 +187,61 @@ class StateCollector(Collector):
         )
         if self._nvml is not None:
             yield from _gpu_metrics(self._nvml)
+
+
+class CacheCollector(Collector):
+    """The server-wide response cache gauges and counters (Triton's nv_cache_num_entries,
+    nv_cache_num_lookups, ..., nv_cache_util), read at scrape time."""
+
+    def __init__(self, totals: Callable[[], CacheTotals]) -> None:
+        self._totals = totals
+
+    def collect(self) -> Iterable[GaugeMetricFamily | CounterMetricFamily]:
+        t = self._totals()
+        yield GaugeMetricFamily(
+            "tachyon_cache_num_entries", "Responses held by the response cache", value=t.entries
+        )
+        yield GaugeMetricFamily(
+            "tachyon_cache_bytes", "Bytes the response cache's entries are charged", value=t.bytes
+        )
+        yield GaugeMetricFamily(
+            "tachyon_cache_size_bytes", "The response cache's bound (--cache-config size)",
+            value=t.capacity,
+        )
+        yield GaugeMetricFamily(
+            "tachyon_cache_util", "Fraction of the response cache in use (0..1)",
+            value=t.bytes / t.capacity if t.capacity else 0.0,
+        )
+        for name, help_text, value in (
+            ("tachyon_cache_num_lookups", "Response cache lookups", t.lookups),
+            ("tachyon_cache_num_hits", "Response cache lookups that found a response", t.hits),
+            ("tachyon_cache_num_misses", "Response cache lookups that found none", t.misses),
+            ("tachyon_cache_num_inserts", "Responses inserted into the response cache", t.inserts),
+            ("tachyon_cache_num_evictions",
+             "Responses evicted (least recently used) to make room", t.evictions),
+        ):
+            yield CounterMetricFamily(name, help_text, value=value)
+
+
+class NativePathCollector(Collector):
+    """The native gRPC request path's counters (server/grpc/native_path.py), read at scrape
+    time from its `stats()`: calls it planned, the chunks they formed, and calls it handed
+    back to the Python path."""
+
+    def __init__(self, stats: Callable[[], dict[str, int]]) -> None:
+        self._stats = stats
+
+    def collect(self) -> Iterable[CounterMetricFamily]:
+        s = self._stats()
+        for name, help_text, key in (
+            ("tachyon_grpc_native_path_requests",
+             "ModelInfer requests parsed, validated and coalesced in C++", "calls"),
+            ("tachyon_grpc_native_path_chunks",
+             "Chunks (one batcher entry each) the coalesced requests formed", "chunks"),
+            ("tachyon_grpc_native_path_fallbacks",
+             "Coalesced requests handed back to the Python path", "fallbacks"),
+        ):
+            yield CounterMetricFamily(name, help_text, value=s.get(key, 0))
 
 
 def _nvml() -> Any:

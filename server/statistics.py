@@ -37,6 +37,8 @@ class ModelStats:
     compute_input: Duration = field(default_factory=Duration)
     compute_infer: Duration = field(default_factory=Duration)
     compute_output: Duration = field(default_factory=Duration)
+    cache_hit: Duration = field(default_factory=Duration)
+    cache_miss: Duration = field(default_factory=Duration)
     inference_count: int = 0
     execution_count: int = 0
     last_inference_ms: int = 0
@@ -54,6 +56,25 @@ class ModelStats:
         self.fail.add(ns)
         if self.metrics is not None:
             self.metrics.failures[reason].inc()
+
+    def record_cache_hit(self, ns: int) -> None:
+        """A response answered from the cache: `ns` to look it up and copy it out. It counts
+        in `queue` with no wait (Triton: queue "includes cache hits"); the data plane counts
+        it in `success`; compute, inference and execution counts exclude it."""
+        self.cache_hit.add(ns)
+        self.queue.add(0)
+        if self.metrics is not None:
+            self.metrics.cache_hits.inc()
+            self.metrics.cache_hit_duration.observe(ns / 1e9)
+            self.metrics.queue.observe(0.0)
+
+    def record_cache_miss(self, ns: int) -> None:
+        """A request the cache did not hold, executed and inserted: `ns` to look it up and
+        insert its response."""
+        self.cache_miss.add(ns)
+        if self.metrics is not None:
+            self.metrics.cache_misses.inc()
+            self.metrics.cache_miss_duration.observe(ns / 1e9)
 
     def record_batch(
         self, rows: int, requests: int, queue_ns: list[int], input_ns: int, infer_ns: int,

@@ -27,7 +27,7 @@ from server.grpc import server as grpc_server
 from server.grpc.health import HealthService
 from server.http import server as http_server
 from server.manager import ModelManager, ModelState, StartupError
-from server.metrics import DEFAULT_LATENCY_BUCKETS, Metrics, StateCollector
+from server.metrics import DEFAULT_LATENCY_BUCKETS, CacheCollector, Metrics, StateCollector
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +42,8 @@ class TachyonServer:
         if self.metrics is not None:
             states = [s.value for s in ModelState]
             self.metrics.add_state_collector(StateCollector(self.manager.entries, states))
+            if self.manager.cache is not None:
+                self.metrics.add_state_collector(CacheCollector(self.manager.cache.totals))
         self.dataplane = DataPlane(settings, self.manager)
         self.health = HealthService(self.dataplane)
         self._grpc: grpc.aio.Server | native_frontend.NativeGrpcServer | None = None

@@ -8,6 +8,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from server import __version__, bench, index_build, logs, restricted, security, tls, tracing
+from server.cache import CacheConfigError, parse_cache_config
 from server.config import GrpcConnections, ServerSettings
 
 
@@ -58,6 +59,10 @@ def _serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     p.add_argument("--grpc-frontend", choices=("native", "grpcio"), default=_default_frontend(),
                    help="gRPC transport: native (HTTP/2 on nghttp2 in a C++ I/O thread, about 2x "
                    "grpc.aio's throughput) or grpcio (grpc.aio)")
+    p.add_argument("--grpc-native-request-path", type=_bool, default=True, metavar="BOOL",
+                   help="native front end: plain ModelInfer requests to fixed-size tensor models "
+                   "are parsed, validated and coalesced in C++ (one Python step per batch); "
+                   "false: every request takes the Python path")
     p.add_argument("--allow-http", type=_bool, default=True, metavar="BOOL",
                    help="serve HTTP/REST")
     p.add_argument("--allow-grpc", type=_bool, default=True, metavar="BOOL", help="serve gRPC")
@@ -106,6 +111,12 @@ def _serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
                    "traceparent), count=N, opentelemetry,url=HOST:PORT/v1/traces, "
                    "opentelemetry,resource=KEY=VALUE, opentelemetry,bsp_schedule_delay=MS; off "
                    "unless mode=opentelemetry and level=TIMESTAMPS")
+    p.add_argument("--cache-config", action="append", default=[], metavar="local,size=BYTES",
+                   help="the response cache, Triton's setting: local,size=BYTES (repeatable); "
+                   "models with response_cache { enable: true } then answer repeated requests "
+                   "from it")
+    p.add_argument("--response-cache-byte-size", type=int, metavar="BYTES",
+                   help="deprecated (as in Triton): the same as --cache-config local,size=BYTES")
     _security_flags(p)
     _grpc_connection_flags(p)
 
@@ -153,6 +164,13 @@ def _grpc_connection_flags(p: argparse.ArgumentParser) -> None:
                    default=d.http2_max_ping_strikes, metavar="N",
                    help="more strikes earn GOAWAY(ENHANCE_YOUR_CALM, 'too_many_pings') and the "
                    "connection closes; 0: any number")
+
+
+def _cache_values(args: argparse.Namespace) -> list[str]:
+    values = list(args.cache_config)
+    if args.response_cache_byte_size is not None:
+        values.append(f"local,size={args.response_cache_byte_size}")
+    return values
 
 
 def _grpc_connections(args: argparse.Namespace) -> GrpcConnections:
@@ -243,7 +261,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             http_restricted = restricted.parse(args.http_restricted_api, "--http-restricted-api")
             trace = tracing.parse(args.trace_config)
             tracing.check_installed(trace)
-        except (tls.TlsError, restricted.RestrictionError, tracing.TraceConfigError) as exc:
+            cache_settings = parse_cache_config(_cache_values(args))
+        except (
+            tls.TlsError, restricted.RestrictionError, tracing.TraceConfigError, CacheConfigError,
+        ) as exc:
             print(f"tachyon: {exc}", file=sys.stderr)
             return 2
         settings = ServerSettings(
@@ -264,6 +285,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             model_load_threads=args.model_load_thread_count,
             metrics_latency_buckets=args.metrics_latency_buckets,
             grpc_frontend=args.grpc_frontend,
+            grpc_native_request_path=args.grpc_native_request_path,
             server_id=args.server_id,
             strict_readiness=args.strict_readiness,
             exit_on_error=args.exit_on_error,
@@ -275,6 +297,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             http_restricted=http_restricted,
             trace=trace,
             grpc_connections=_grpc_connections(args),
+            cache=cache_settings,
         )
         for warning in tracing.inert(trace):
             print(f"tachyon: warning: {warning}", file=sys.stderr)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from server.cache import CacheSettings
 from server.restricted import Restrictions
 from server.tls import TlsSettings
 from server.tracing import TraceSettings
@@ -76,6 +77,9 @@ class ServerSettings:
     grpc_frontend: str = "native"
     """gRPC transport: "native" (HTTP/2 on nghttp2 in a C++ I/O thread, server/grpc/
     native_frontend.py) or "grpcio" (grpc.aio)."""
+    grpc_native_request_path: bool = True
+    """With the native front end: plain ModelInfer requests to fixed-size tensor models are
+    parsed, validated and coalesced in C++ (server/grpc/native_path.py)."""
     strict_readiness: bool = True
     """Triton's --strict-readiness: ready only while every model meant to be served is READY;
     false: ready once the server is up (live)."""
@@ -100,4 +104,6 @@ class ServerSettings:
     server_id: str = "tachyon"
     trace: TraceSettings = field(default_factory=TraceSettings)
     """--trace-config: OpenTelemetry request traces (off by default, as in Triton)."""
+    cache: CacheSettings | None = None
+    """--cache-config local,size=BYTES: the server-wide response cache; None: no cache."""
     extra: dict[str, str] = field(default_factory=dict)

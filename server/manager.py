@@ -31,9 +31,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from server import model_config, repository
+from server import cache_policy, cached_scheduler, model_config, repository
 from server.backends import Backend, factory
 from server.batching import DynamicBatcher, Scheduler
+from server.cache import ResponseCache
 from server.config import ServerSettings
 from server.errors import ServingError, invalid, not_found, unavailable
 from server.metrics import Metrics
@@ -144,6 +145,9 @@ class ModelManager:
         self._models: dict[str, dict[int, ModelVersion]] = {}
         # the version a request without a version goes to, refreshed on every state change
         self._default: dict[str, ModelVersion] = {}
+        # bumped whenever the versions that serve may change (a version turned READY or
+        # started unloading): the native request path re-registers its models on a change
+        self.generation = 0
         self._locks: dict[str, asyncio.Lock] = {}
         self._overrides: dict[str, ModelSource] = {}
         self._loader = ThreadPoolExecutor(
@@ -151,6 +155,8 @@ class ModelManager:
         )
         self._files = ThreadPoolExecutor(1, thread_name_prefix="repository-io")
         self._poller: asyncio.Task[None] | None = None
+        # --cache-config: the server-wide response cache (models opt in by config)
+        self.cache = ResponseCache(settings.cache.size) if settings.cache else None
 
     # -- queries (event loop) -----------------------------------------------------------
 
@@ -450,16 +456,19 @@ class ModelManager:
         if self.metrics is not None:
             entry.stats.metrics = self.metrics.version(name, version)
         if ensemble is not None:
-            entry.batcher = ensemble
+            scheduler: Scheduler = ensemble
         else:
             batcher = DynamicBatcher(
                 spec, backends, entry.stats,
                 default_max_queue_size=self.settings.default_max_queue_size,
             )
             batcher.start()
-            entry.batcher = batcher
+            scheduler = batcher
+        entry.batcher = cached_scheduler.wrap(scheduler, spec, version, entry.stats, self.cache)
         table[version] = entry  # the switch: new requests go to the new load from here on
         self._default.pop(name, None)
+        self.generation += 1
+        self._forget_responses(name)
         log.info("model '%s' version %d is READY", name, version)
         if old is not None and old.ready:
             await self._unload_entry(old)
@@ -481,6 +490,10 @@ class ModelManager:
             return _ensemble_config(model, overrides.get(model) or ModelSource(root / model))
 
         await self._io(check_cycles, own, configs)
+        if spec.response_cache:
+            await asyncio.get_running_loop().run_in_executor(
+                self._loader, cache_policy.check_ensemble, spec, config, self._step_model
+            )
 
         def step_spec(model: str, version: str) -> ModelSpec:
             entry = self.get(model, version)
@@ -493,6 +506,19 @@ class ModelManager:
             return entry.batcher
 
         return EnsembleScheduler(spec, steps_of(config), step_spec, step_scheduler)
+
+    def _step_model(self, model: str, version: str) -> cache_policy.StepModel:
+        """A served step model's spec, version folder (None for an ensemble) and config."""
+        entry = self.get(model, version)
+        assert entry.spec is not None
+        folder = entry.backends[0].version_dir if entry.backends else None
+        return entry.spec, folder, entry.config
+
+    def _forget_responses(self, name: str) -> None:
+        """A version of `name` starts or stops serving: its cached responses (and every
+        ensemble's) no longer hold."""
+        if self.cache is not None and self.cache.drop_model(name):
+            log.info("model '%s': cached responses dropped", name)
 
     def _load_files(
         self, base_config: Any, path: Path
@@ -516,6 +542,7 @@ class ModelManager:
         model_file = path / spec.model_filename
         if spec.model_filename and not model_file.exists():
             raise ConfigError(f"model '{config.name}': model file {model_file} does not exist")
+        cache_policy.check_model(spec, path)
         backends = [backend_class(spec, path, i) for i in range(spec.instance_count)]
         try:
             for backend in backends:
@@ -542,6 +569,8 @@ class ModelManager:
         """Answer the version's admitted requests, then release it."""
         entry.state = ModelState.UNLOADING
         self._default.pop(entry.name, None)
+        self.generation += 1
+        self._forget_responses(entry.name)
         if entry.batcher is not None:
             await entry.batcher.drain()
         backends, entry.backends = entry.backends, []

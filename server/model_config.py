@@ -64,6 +64,14 @@ class DynamicBatching:
 
 
 @dataclass(frozen=True, slots=True)
+class Accelerator:
+    """One `optimization.execution_accelerators.gpu_execution_accelerator` entry."""
+
+    name: str
+    parameters: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
 class ModelSpec:
     """The validated view of one model's config."""
 
@@ -79,6 +87,13 @@ class ModelSpec:
     parameters: dict[str, str] = field(default_factory=dict)
     platform: str = ""
     gpu_accelerators: tuple[str, ...] = ()
+    accelerators: tuple[Accelerator, ...] = ()  # the same entries, with their parameters
+    graph_level: int = 0  # optimization.graph.level
+    # the GPUs of each instance, in instance order: (g,) for KIND_GPU with `gpus` listed (one
+    # instance per listed GPU and count), the whole list for KIND_MODEL, () when none is
+    # listed (a GPU instance then takes GPU `instance % visible GPUs`)
+    instance_gpus: tuple[tuple[int, ...], ...] = ()
+    response_cache: bool = False  # response_cache.enable (server/cached_scheduler.py)
     # name -> spec, built once: every request looks its inputs and outputs up
     _inputs: dict[str, TensorSpec] = field(init=False, repr=False, compare=False)
     _outputs: dict[str, TensorSpec] = field(init=False, repr=False, compare=False)
@@ -261,16 +276,17 @@ def check_supported(config: Any, backend: str) -> None:
     model without them would answer differently from what the config asks for.
 
     Refused: sequence_batching, ensemble_scheduling on a model that is not an ensemble (and
-    steps' model_namespace), model_transaction_policy.decoupled, response_cache.enable,
+    steps' model_namespace), model_transaction_policy.decoupled,
     model_repository_agents, batch_input, batch_output, model_operations, model_metrics,
     cc_model_filenames, runtime, reshape, is_shape_tensor, allow_ragged_batch and
     is_non_linear_format_io on tensors, instance_group secondary_devices, profile, passive,
-    gpus other than [0], instance groups of different kinds, and
-    optimization.execution_accelerators.cpu_execution_accelerator.
+    instance groups of different kinds, and
+    optimization.execution_accelerators.cpu_execution_accelerator. (`gpus` and the GPU
+    accelerators' parameters are checked by `_instance_gpus` and by the backend at load.)
 
     Accepted and ignored, as Triton itself ignores them unless a server flag turns them on or
     the backend is one Tachyon does not have (performance hints, not semantics):
-    instance_group rate_limiter and host_policy, optimization graph / priority / cuda /
+    instance_group rate_limiter and host_policy, optimization priority / cuda /
     pinned memory / gather_kernel_buffer_threshold / eager_batching, metric_tags, tensor
     format, ensemble_scheduling.max_inflight_responses (it only limits decoupled steps).
     """
@@ -289,7 +305,6 @@ def _unsupported(config: Any, backend: str) -> str:
         ("ensemble_scheduling (on a model that is not an ensemble)",
          backend != "ensemble" and config.HasField("ensemble_scheduling")),
         ("model_transaction_policy.decoupled", config.model_transaction_policy.decoupled),
-        ("response_cache.enable", config.response_cache.enable),
         ("model_repository_agents", len(config.model_repository_agents.agents) > 0),
         ("batch_input", len(config.batch_input) > 0),
         ("batch_output", len(config.batch_output) > 0),
@@ -322,9 +337,28 @@ def _unsupported(config: Any, backend: str) -> str:
             return f"{where}.profile"
         if group.passive:
             return f"{where}.passive"
-        if list(group.gpus) not in ([], [0]):
-            return f"{where}.gpus {list(group.gpus)} (instances go to GPU 0, or in turn)"
     return ""
+
+
+def _instance_gpus(config: Any) -> tuple[tuple[int, ...], ...]:
+    """The GPUs of every instance, as Triton places them: a KIND_GPU (or KIND_AUTO) group
+    with `gpus` has `count` instances on each listed GPU; a KIND_MODEL group has `count`
+    instances that each get the whole list (the backend decides, e.g. FAISS shards)."""
+    placements: list[tuple[int, ...]] = []
+    for index, group in enumerate(config.instance_group):
+        gpus = tuple(int(g) for g in group.gpus)
+        kind = enum_name(group, "kind")
+        where = f"model '{config.name}': instance_group[{index}].gpus {list(gpus)}"
+        if any(g < 0 for g in gpus) or len(set(gpus)) != len(gpus):
+            raise ConfigError(f"{where} is invalid, expected distinct GPU indexes >= 0")
+        if gpus and kind == "KIND_CPU":
+            raise ConfigError(f"{where} is invalid for KIND_CPU, expected no gpus")
+        count = max(int(group.count), 1)
+        if kind == "KIND_MODEL" or not gpus:
+            placements += [gpus] * count
+        else:
+            placements += [(g,) for g in gpus for _ in range(count)]
+    return tuple(placements) or ((),)
 
 
 def read_labels(config: Any, version_dir: Path) -> dict[str, tuple[str, ...]]:
@@ -357,6 +391,7 @@ def read_labels(config: Any, version_dir: Path) -> dict[str, tuple[str, ...]]:
 def to_spec(config: Any, backend: str) -> ModelSpec:
     """Validate a complete config and return its typed view."""
     name = config.name
+    _check_response_cache(config)
     check_supported(config, backend)
     if config.max_batch_size < 0:
         raise ConfigError(
@@ -369,11 +404,12 @@ def to_spec(config: Any, backend: str) -> ModelSpec:
             f"model '{name}': {CONFIG_FILE} lists {len(inputs)} inputs and {len(outputs)} "
             "outputs, expected at least one of each (or no config, to complete from the model)"
         )
-    count, kind = 1, "KIND_AUTO"
+    kind = "KIND_AUTO"
     if len(config.instance_group):
-        count = sum(max(int(g.count), 1) for g in config.instance_group)
         kind = enum_name(config.instance_group[0], "kind")
+    instance_gpus = _instance_gpus(config)
     batching = _dynamic_batching(config)
+    accelerators = config.optimization.execution_accelerators.gpu_execution_accelerator
     if batching is not None and config.max_batch_size == 0:
         batching = None  # Triton ignores dynamic batching for non-batching models
     return ModelSpec(
@@ -383,15 +419,36 @@ def to_spec(config: Any, backend: str) -> ModelSpec:
         inputs=inputs,
         outputs=outputs,
         model_filename=model_filename(config, backend),
-        instance_count=count,
+        instance_count=len(instance_gpus),
         instance_kind=kind,
         dynamic_batching=batching,
         parameters={k: v.string_value for k, v in config.parameters.items()},
         platform=config.platform or _default_platform(backend),
-        gpu_accelerators=tuple(
-            a.name for a in config.optimization.execution_accelerators.gpu_execution_accelerator
-        ),
+        gpu_accelerators=tuple(a.name for a in accelerators),
+        accelerators=tuple(Accelerator(a.name, dict(a.parameters)) for a in accelerators),
+        graph_level=int(config.optimization.graph.level),
+        instance_gpus=instance_gpus,
+        response_cache=bool(config.response_cache.enable),
     )
+
+
+def _check_response_cache(config: Any) -> None:
+    """`response_cache { enable: true }` only where a response depends on the request alone,
+    as Triton has it: not with sequence batching (state carried between requests) nor for a
+    decoupled model (any number of responses). The backend checks its model at load
+    (server/cache_policy.py)."""
+    if not config.response_cache.enable:
+        return
+    for section, present in (
+        ("sequence_batching", config.HasField("sequence_batching")),
+        ("model_transaction_policy.decoupled", config.model_transaction_policy.decoupled),
+    ):
+        if present:
+            raise ConfigError(
+                f"model '{config.name}': response_cache.enable is true with {section}, whose "
+                "responses do not depend on the request alone, expected response_cache.enable "
+                "false"
+            )
 
 
 def _default_platform(backend: str) -> str:

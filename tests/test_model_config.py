@@ -156,7 +156,6 @@ BASE = ("max_batch_size: 8 input [{ name: 'INPUT0' data_type: TYPE_FP32 dims: [1
         ("sequence_batching { max_sequence_idle_microseconds: 100 }", "sequence_batching"),
         ("ensemble_scheduling { step [{ model_name: 'x' }] }", "ensemble_scheduling"),
         ("model_transaction_policy { decoupled: true }", "model_transaction_policy.decoupled"),
-        ("response_cache { enable: true }", "response_cache.enable"),
         ("model_repository_agents { agents [{ name: 'checksum' }] }", "model_repository_agents"),
         ("batch_input [{ kind: BATCH_ELEMENT_COUNT target_name: 'N' data_type: TYPE_INT32 "
          "source_input: 'INPUT0' }]", "batch_input"),
@@ -169,7 +168,6 @@ BASE = ("max_batch_size: 8 input [{ name: 'INPUT0' data_type: TYPE_FP32 dims: [1
         ("optimization { execution_accelerators { cpu_execution_accelerator [{ name: "
          "'openvino' }] } }", "cpu_execution_accelerator"),
         ("instance_group [{ count: 1 kind: KIND_CPU passive: true }]", "instance_group[0].passive"),
-        ("instance_group [{ kind: KIND_GPU gpus: [1] }]", "instance_group[0].gpus [1]"),
         ("instance_group [{ kind: KIND_GPU profile: '0' }]", "instance_group[0].profile"),
         ("instance_group [{ kind: KIND_GPU secondary_devices [{ device_id: 0 }] }]",
          "instance_group[0].secondary_devices"),

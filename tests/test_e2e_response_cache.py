@@ -18,6 +18,7 @@ import tritonclient.grpc as grpcclient
 import tritonclient.grpc.aio as grpcclient_aio
 import tritonclient.http as httpclient
 
+from server import index_build
 from tests.conftest import BUNDLED, RunningServer, ServerFactory, tachyon_command
 from tests.conftest import repository_index as index
 from tests.test_e2e_repository import adder_bytes
@@ -102,6 +103,11 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     add_model(root, "random_plain", ADDER.format(name="random_plain", extra=""),
               random_adder_bytes())
     add_model(root, "chain_random", chain("chain_random", "random_plain"))
+    vectors = root.parent / "vectors.npy"
+    np.save(vectors, np.random.default_rng(0).standard_normal((500, 8)).astype(np.float32))
+    index_build.build(vectors, "Flat", root, "vectors", k=5)
+    with (root / "vectors" / "config.pbtxt").open("a") as config:
+        config.write(f"\n{CACHED}\n")
     return root
 
 
@@ -230,6 +236,26 @@ def test_other_inputs_outputs_and_parameters(server: RunningServer) -> None:
     values = probabilities.as_numpy("PROBABILITIES")[0]
     assert int(top[1]) == int(np.argmax(values)) == int(label.as_numpy("LABEL")[0][0])
     assert float(top[0]) == pytest.approx(float(values.max()), abs=1e-6)
+
+
+def test_parameters_that_change_an_answer_are_in_the_key(server: RunningServer) -> None:
+    """FAISS's `k` changes the answer: each k is its own entry; a repeat of one hits."""
+    client = grpcclient.InferenceServerClient(server.grpc_url)
+    query = grpcclient.InferInput("QUERY", [1, 8], "FP32")
+    query.set_data_from_numpy(np.random.default_rng(4).standard_normal((1, 8)).astype(np.float32))
+
+    def ids(k: int) -> np.ndarray:
+        out = client.infer("vectors", [query], parameters={"k": k}).as_numpy("IDS")
+        assert out is not None
+        return out
+
+    before = stats(server, "vectors")
+    three, five = ids(3), ids(5)
+    assert three.shape == (1, 3) and five.shape == (1, 5)
+    np.testing.assert_array_equal(five[:, :3], three)
+    np.testing.assert_array_equal(ids(3), three)  # from the cache
+    counts = delta(stats(server, "vectors"), before)
+    assert (counts["cache_miss"], counts["cache_hit"], counts["execution_count"]) == (2, 1, 2)
 
 
 def test_many_identical_requests_at_once(server: RunningServer) -> None:

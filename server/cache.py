@@ -120,7 +120,9 @@ def _data(h: hashlib.blake2b, datatype: DataType, data: Array) -> None:
             h.update(struct.pack("<q", len(value)))
             h.update(value)
         return
-    h.update(np.ascontiguousarray(data).data.cast("B"))
+    array = np.ascontiguousarray(data)
+    if array.size:  # an empty one has no bytes (and memoryview cannot cast it)
+        h.update(array.data.cast("B"))
 
 
 # -- the cache ------------------------------------------------------------------------------

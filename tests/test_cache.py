@@ -92,6 +92,15 @@ def test_key_covers_every_part_of_a_request() -> None:
     assert key not in others and len(others) == 11
 
 
+def test_keys_of_empty_bool_and_half_tensors() -> None:
+    for dtype, datatype in ((np.float32, FP32), (np.bool_, DataType.BOOL),
+                            (np.float16, DataType.FP16)):
+        empty = np.zeros((1, 0), dtype=dtype)
+        one = np.ones((1, 2), dtype=dtype)
+        keys = {request_key("m", 1, [("IN", datatype, a)], ["O"], ()) for a in (empty, one)}
+        assert len(keys) == 2
+
+
 def test_bytes_keys_are_length_prefixed() -> None:
     def key(*items: bytes) -> bytes:
         array = np.array(items, dtype=object)

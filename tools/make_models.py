@@ -93,21 +93,40 @@ def _describe(path: Path) -> None:
 # digits: a real scikit-learn classifier
 
 
+def digits_split() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """scikit-learn's 8x8 digits as float32 images and int64 labels: (x_train, x_test, y_train,
+    y_test), 75% / 25% stratified, fixed seed. The test quarter is the held-out data."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    x, y = load_digits(return_X_y=True)
+    parts = train_test_split(
+        x.astype(np.float32), y.astype(np.int64), test_size=0.25, random_state=SEED, stratify=y
+    )
+    return parts[0], parts[1], parts[2], parts[3]
+
+
+def write_digits_data(folder: Path) -> tuple[Path, Path]:
+    """The digits data in `tachyon optimize`'s format: calibration.npz (the training images
+    under INPUT) and validation.npz (the held-out images under INPUT, their classes under
+    labels)."""
+    x_train, x_test, _, y_test = digits_split()
+    folder.mkdir(parents=True, exist_ok=True)
+    calibration, validation = folder / "calibration.npz", folder / "validation.npz"
+    np.savez_compressed(calibration, INPUT=x_train)
+    np.savez_compressed(validation, INPUT=x_test, labels=y_test)
+    return calibration, validation
+
+
 def make_digits(model_dir: Path) -> None:
     from skl2onnx import convert_sklearn
     from skl2onnx.common.data_types import FloatTensorType
-    from sklearn.datasets import load_digits
     from sklearn.exceptions import ConvergenceWarning
-    from sklearn.model_selection import train_test_split
     from sklearn.neural_network import MLPClassifier
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    x, y = load_digits(return_X_y=True)
-    x = x.astype(np.float32)
-    x_train, x_test, y_train, y_test = train_test_split(
-        x, y, test_size=0.25, random_state=SEED, stratify=y
-    )
+    x_train, x_test, y_train, y_test = digits_split()
     clf = make_pipeline(
         StandardScaler(),
         MLPClassifier(hidden_layer_sizes=(64,), max_iter=500, random_state=SEED),

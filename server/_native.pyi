@@ -225,3 +225,78 @@ class GrpcFrontend:
 
     def inject_failure(self, message: str) -> None:
         """For tests: the I/O thread fails with ``message`` on its next turn."""
+
+_Item: TypeAlias = tuple[int, str, bytes, int, tuple[tuple[str, str], ...] | None]
+_Tensor: TypeAlias = tuple[str, str, Sequence[int], int]
+
+class InferChunk:
+    """ModelInfer calls to one model version, answered by the native request path: their
+    inputs coalesced row-wise, one buffer per model input (server/grpc/native_path.py)."""
+
+    @property
+    def token(self) -> int:
+        """The registration token of the model version (``InferRouter.set_models``)."""
+
+    @property
+    def count(self) -> int:
+        """How many calls (requests) the chunk holds."""
+
+    @property
+    def rows(self) -> int:
+        """Rows in all (the batch dimension; 1 per call for a model without batching)."""
+
+    @property
+    def call_ids(self) -> list[int]: ...
+    @property
+    def inputs(self) -> list[bytes]:
+        """One buffer per model input (the model's order): every call's rows, in call order."""
+
+    @property
+    def shapes(self) -> list[tuple[int, ...]]:
+        """The shape of each input buffer."""
+
+    @property
+    def outputs(self) -> list[int]:
+        """Indexes of the model outputs some call asked for (the model's order)."""
+
+    def messages(self) -> list[tuple[int, bytes]]:
+        """Each call's ModelInferRequest message, for the Python path."""
+
+class InferRouter:
+    """Plans the native request path: ``take()`` parses plain ModelInfer requests to
+    registered model versions (C++, GIL released) and coalesces them into ``InferChunk``s;
+    ``respond()`` cuts the batched outputs into each call's ModelInferResponse.
+    Reference: ``tests/native_reference.py`` (``plain_request``, ``infer_response``)."""
+
+    def __init__(self) -> None: ...
+    def set_models(
+        self,
+        models: Sequence[
+            tuple[int, str, str, Sequence[str], int, int, Sequence[_Tensor], Sequence[_Tensor]]
+        ],
+    ) -> None:
+        """Replace the registered versions: ``(token, name, version, keys, max_batch_size,
+        max_request_bytes, inputs, outputs)``, each tensor ``(name, datatype, dims without the
+        batch dimension, itemsize)``. A request's model_version is looked up in ``keys``
+        (``""`` stands for an empty model_version and ``"-1"``)."""
+
+    def take(self, frontend: GrpcFrontend) -> tuple[list[_Item], list[InferChunk]]:
+        """``frontend.take()``, with the plain ModelInfer calls to registered versions taken
+        out as chunks (at most max_batch_size rows, one non-batch shape, each)."""
+
+    def respond(
+        self,
+        frontend: GrpcFrontend,
+        chunk: InferChunk,
+        outputs: Sequence[Buffer | np.ndarray[Any, Any] | None],
+    ) -> None:
+        """Answer every call of ``chunk`` from the batched outputs: one C-contiguous buffer per
+        model output in its wire datatype, None where ``chunk.outputs`` lacks it. ValueError
+        when an output has the wrong element size or row count."""
+
+    @staticmethod
+    def fail(frontend: GrpcFrontend, chunk: InferChunk, status: int, message: str) -> None:
+        """Answer every call of ``chunk`` with a gRPC error status and message."""
+
+    def stats(self) -> dict[str, int]:
+        """``calls`` and ``chunks`` planned natively so far."""

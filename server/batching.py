@@ -72,6 +72,7 @@ class _Request:
     trace: RequestTrace | None = None
     enqueued_ns: int = field(default_factory=time.monotonic_ns)
     timer: asyncio.TimerHandle | None = None
+    count: int = 1  # client requests it stands for (a native request path chunk: several)
 
 
 @dataclass(slots=True, eq=False)
@@ -124,6 +125,7 @@ class DynamicBatcher:
         self._queue_limits = [p.max_queue_size or default_max_queue_size for p in self._policies]
         self._default_level = max(settings.default_priority_level, 1) - 1
         self._queued = 0
+        self._level_requests = [0] * levels  # client requests queued per level (see count)
         self._delay_timer: asyncio.TimerHandle | None = None
         self._seq = 0
         self._next_delivery = 0
@@ -189,18 +191,20 @@ class DynamicBatcher:
         timeout_us: int = 0,
         options: Options = (),
         trace: RequestTrace | None = None,
+        count: int = 1,
     ) -> Outputs:
         """Queue one request; returns its output rows or raises its ServingError. Requests
         share a batch only when they have the same inputs (names, in the same order, and
         non-batch shapes) and equal `options`. A traced request's queue and compute times go
-        to `trace`."""
+        to `trace`. `count` > 1: the entry stands for that many client requests (their rows
+        coalesced), in the queue bound and the statistics."""
         if self._closed:
             raise unavailable(f"model '{self.spec.name}' is unloading, retry")
         level = self._default_level if level is None else level
         policy = self._policies[level]
         waiting = self._queues[level]
         limit = self._queue_limits[level]
-        if limit and len(waiting) >= limit:
+        if not self.admits(level, count):
             where = "max_queue_size" if policy.max_queue_size else "--default-max-queue-size"
             raise exhausted(
                 f"model '{self.spec.name}': queue is full ({limit} requests, {where}), "
@@ -214,12 +218,13 @@ class DynamicBatcher:
         )
         request = _Request(
             inputs, outputs, rows, (shapes, options), self._loop.create_future(), level, options,
-            trace,
+            trace, count=count,
         )
         if timeout_us and policy.timeout_action_reject:
             request.timer = self._loop.call_later(timeout_us / 1e6, self._expire, request)
         waiting.append(request)
         self._queued += 1
+        self._level_requests[level] += count
         self._in_flight += 1
         self._idle.clear()
         self._dispatch()
@@ -244,9 +249,14 @@ class DynamicBatcher:
             if instance.thread is not None:
                 await asyncio.to_thread(instance.thread.join)
 
+    def admits(self, level: int, count: int = 1) -> bool:
+        """Whether `count` more requests fit in the queue of `level`."""
+        limit = self._queue_limits[level]
+        return not limit or self._level_requests[level] + count <= limit
+
     @property
     def pending(self) -> int:
-        return self._queued
+        return sum(self._level_requests)
 
     # -- queue ----------------------------------------------------------------------------
 
@@ -257,7 +267,11 @@ class DynamicBatcher:
             self._queues[request.level].remove(request)
         except ValueError:
             return  # already taken into a batch
+        self._left(request)
+
+    def _left(self, request: _Request) -> None:
         self._queued -= 1
+        self._level_requests[request.level] -= request.count
 
     def _expire(self, request: _Request) -> None:
         request.timer = None
@@ -267,7 +281,7 @@ class DynamicBatcher:
             self._queues[request.level].remove(request)
         except ValueError:
             return  # executing: it will be answered with its result
-        self._queued -= 1
+        self._left(request)
         waited = (time.monotonic_ns() - request.enqueued_ns) // 1000
         request.future.set_exception(
             unavailable(
@@ -327,7 +341,7 @@ class DynamicBatcher:
             while waiting:
                 request = waiting.popleft()
                 if request.future.done():  # cancelled or expired
-                    self._queued -= 1
+                    self._left(request)
                     continue
                 if key is None:
                     key = request.shape_key
@@ -339,7 +353,7 @@ class DynamicBatcher:
                         break
                     continue
                 batch.append(request)
-                self._queued -= 1
+                self._left(request)
                 if request.timer is not None:
                     request.timer.cancel()
                 rows += request.rows
@@ -438,8 +452,8 @@ class DynamicBatcher:
         rows = sum(r.rows for r in requests)
         self.stats.record_batch(
             rows,
-            len(requests),
-            [batch.started_ns - r.enqueued_ns for r in requests],
+            sum(r.count for r in requests),
+            [batch.started_ns - r.enqueued_ns for r in requests for _ in range(r.count)],
             input_ns,
             infer_ns,
             output_ns,

@@ -48,6 +48,8 @@ PyObject* metadata_to_python(const ReadyItem& item) {
   return out;
 }
 
+}  // namespace
+
 // Builds [(call_id, method, message, kind, metadata), ...]. Large messages are copied into their
 // bytes objects after all of them exist, with the GIL released.
 nb::list ready_items_to_python(const std::vector<ReadyItem>& items) {
@@ -103,6 +105,8 @@ nb::list ready_items_to_python(const std::vector<ReadyItem>& items) {
   }
   return out;
 }
+
+namespace {
 
 std::uint64_t call_id_of(PyObject* obj) {
   const unsigned long long id = PyLong_AsUnsignedLongLong(obj);

@@ -3,6 +3,7 @@
 #include "gil.hpp"
 #ifdef TACHYON_HAVE_GRPC_FRONTEND
 #include "grpc_frontend_py.hpp"
+#include "infer_router_py.hpp"
 #endif
 
 #include <nanobind/nanobind.h>
@@ -23,6 +24,7 @@ NB_MODULE(_native, m) {
 #ifdef TACHYON_HAVE_GRPC_FRONTEND
   m.attr("HAVE_GRPC_FRONTEND") = true;
   tachyon::register_grpc_frontend(m);
+  tachyon::register_infer_router(m);
 #else
   m.attr("HAVE_GRPC_FRONTEND") = false;
 #endif

@@ -54,6 +54,8 @@ class BufferView {
   const unsigned char* data() const { return static_cast<const unsigned char*>(view_.buf); }
   unsigned char* mutable_data() const { return static_cast<unsigned char*>(view_.buf); }
   std::size_t size() const { return static_cast<std::size_t>(view_.len); }
+  // The export itself (ndim, shape, itemsize), valid while the view is held.
+  const Py_buffer& raw() const { return view_; }
 
  private:
   Py_buffer view_{};

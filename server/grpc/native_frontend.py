@@ -64,6 +64,7 @@ from server.config import GrpcConnections
 from server.dataplane import DataPlane
 from server.errors import ServingError
 from server.grpc.health import HEALTH_SERVICE, REFLECTION_SERVICES, HealthService, ReflectionService
+from server.grpc.native_path import NativeRequestPath
 from server.grpc.restricted import by_native_method, metadata_value
 from server.grpc.server import STATUS, UNIMPLEMENTED, GrpcService, parse_infer_request
 from server.restricted import GRPC_HEADER_PREFIX, Restriction, Restrictions
@@ -188,6 +189,7 @@ class NativeGrpcServer:
                 self._unary[name] = _UnaryMethod(method, request_type.FromString)
         self._stream_methods: dict[str, _StreamMethod] = {}
         self._fe: _native.GrpcFrontend | None = None
+        self._path: NativeRequestPath | None = None  # plain ModelInfer calls, natively
         self._calls: dict[int, asyncio.Task[None]] = {}  # unary calls running (strong refs)
         self._streams: dict[int, _Stream] = {}
         self._handler_streams: dict[int, _HandlerStream] = {}
@@ -261,6 +263,13 @@ class NativeGrpcServer:
         frontend.start()
         self._fe = frontend
         self._loop = asyncio.get_running_loop()
+        dataplane = self._service.dataplane
+        # tracing and a restricted ModelInfer need each request's headers: the Python path
+        if (
+            dataplane.settings.grpc_native_request_path and dataplane.tracer is None
+            and "ModelInfer" not in self._restricted
+        ):
+            self._path = NativeRequestPath(dataplane, frontend, self._python_infer)
         self._loop.add_reader(frontend.fileno(), self._on_ready)
 
     @property
@@ -282,6 +291,10 @@ class NativeGrpcServer:
         """Connections, those paused for the request byte budget, and the bytes held."""
         return self._frontend().stats()
 
+    def request_path_stats(self) -> dict[str, int] | None:
+        """The native request path's counts (calls, chunks, fallbacks), None when it is off."""
+        return None if self._path is None else self._path.stats()
+
     def _frontend(self) -> _native.GrpcFrontend:
         if self._fe is None:
             raise RuntimeError("the native gRPC server is not serving yet (call serve())")
@@ -297,7 +310,8 @@ class NativeGrpcServer:
         calls = self._calls
         infer = self._infer
         restricted = self._restricted
-        for call_id, method, message, kind, metadata in self._fe.take():
+        items = self._fe.take() if self._path is None else self._path.take()
+        for call_id, method, message, kind, metadata in items:
             if restricted and metadata is not None and self._refused(call_id, method, metadata):
                 continue
             if kind == UNARY:
@@ -373,6 +387,10 @@ class NativeGrpcServer:
             self._finish(call_id, None, INTERNAL, f"internal error: {exc}")
         else:
             self._finish(call_id, response, OK, "")
+
+    def _python_infer(self, call_id: int, message: bytes) -> None:
+        """A call the native request path hands back: ModelInfer as for any other call."""
+        self._calls[call_id] = self._loop.create_task(self._infer(call_id, message, ()))
 
     def _start_unary(self, call_id: int, method: str, message: bytes) -> None:
         entry = self._unary.get(method)
@@ -500,6 +518,8 @@ class NativeGrpcServer:
     def _cancelled(self, call_id: int) -> None:
         """The client reset or disconnected, or the call's deadline passed: stop the work done
         for it (cancellation reaches the batcher's queue through the awaiting task)."""
+        if self._path is not None and self._path.cancel(call_id):
+            return
         task = self._calls.pop(call_id, None)
         if task is not None:
             task.cancel()
@@ -517,7 +537,9 @@ class NativeGrpcServer:
         streams = (t for s in self._streams.values() for t in s.tasks)
         handlers = (s.task for s in self._handler_streams.values() if s.task is not None)
         # A task cancelled before it first ran never removed itself: it is not running.
-        return [t for t in (*self._calls.values(), *streams, *handlers) if not t.done()]
+        native = self._path.tasks() if self._path is not None else ()
+        running = (*self._calls.values(), *streams, *handlers, *native)
+        return [t for t in running if not t.done()]
 
     async def stop(self, grace: float) -> None:
         """Refuse new calls (GOAWAY, in two steps), let running ones finish for up to `grace`

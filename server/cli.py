@@ -7,7 +7,17 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from server import __version__, bench, index_build, logs, restricted, security, tls, tracing
+from server import (
+    __version__,
+    bench,
+    index_build,
+    logs,
+    optimize,
+    restricted,
+    security,
+    tls,
+    tracing,
+)
 from server.cache import CacheConfigError, parse_cache_config
 from server.config import GrpcConnections, ServerSettings
 
@@ -237,6 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
     _serve_parser(sub)
     index_build.add_parser(sub)
     bench.add_parser(sub)
+    optimize.add_parser(sub)
     return parser
 
 
@@ -246,6 +257,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return index_build.run(args)
     if args.command == "bench":
         return bench.run(args)
+    if args.command == "optimize":
+        return optimize.run(args, list(argv) if argv is not None else None)
     if args.command == "serve":
         logs.configure(args.log_verbose, args.log_format)
         if not args.model_repository.is_dir():

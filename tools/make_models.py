@@ -14,6 +14,10 @@ Writes ``DIR/<model>/1/model.onnx`` (plus ``config.pbtxt`` where the model has o
 * ``string_upper``  BYTES in, BYTES out (ONNX StringNormalizer, upper-casing)
 * ``identity_all``  one Identity per datatype, for datatype round-trip tests
 
+``--digits-data DIR`` writes the digits data instead: ``calibration.npz`` (the training images)
+and ``validation.npz`` (the held-out quarter, with labels), the files that
+``tachyon optimize --model digits`` takes (README, "Optimising models").
+
 ``mlp_fp32`` (784-1024-1024-10, ~7 MB) is only built on request (``--only mlp_fp32``); it is
 the benchmark model and is too large to commit.
 
@@ -501,7 +505,18 @@ def main(argv: list[str] | None = None) -> int:
         help=f"build only these models (choices: {', '.join(BUILDERS)}); "
         "mlp_fp32 is built only when named here",
     )
+    parser.add_argument(
+        "--digits-data",
+        type=Path,
+        metavar="DIR",
+        help="instead of models, write the digits data for `tachyon optimize`: "
+        "DIR/calibration.npz (training images) and DIR/validation.npz (held-out images, labels)",
+    )
     args = parser.parse_args(argv)
+    if args.digits_data is not None:
+        for path in write_digits_data(args.digits_data):
+            print(f"wrote {path}")
+        return 0
 
     out: Path = args.out
     for name in args.only or DEFAULT_MODELS:

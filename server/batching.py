@@ -383,10 +383,10 @@ class DynamicBatcher:
     ) -> tuple[list[Outputs], tuple[int, int, int, int]]:
         """Instance thread: gather, execute, split."""
         t0 = time.monotonic_ns()
-        if len(requests) == 1:
-            names, inputs = requests[0].outputs, requests[0].inputs
-        else:
-            names, inputs = _union_outputs(requests), _gather(requests)
+        names = _union_outputs(requests)
+        inputs = backend.gather([r.inputs for r in requests])  # a backend's own buffers
+        if inputs is None:
+            inputs = requests[0].inputs if len(requests) == 1 else _gather(requests)
         t1 = time.monotonic_ns()
         try:
             outputs = backend.execute(inputs, names, requests[0].options)

@@ -11,6 +11,10 @@ def factory(backend: str) -> BackendFactory:
         from server.backends.onnxruntime import OnnxRuntimeBackend
 
         return OnnxRuntimeBackend
+    if backend == "tensorrt":
+        from server.backends.tensorrt import TensorRtBackend
+
+        return TensorRtBackend
     if backend == "faiss":
         from server.backends.faiss import FaissBackend
 

@@ -16,6 +16,7 @@ Lifecycle and ownership (one object per model instance):
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -51,6 +52,13 @@ class Backend(ABC):
         the request is queued, so one bad request cannot fail a whole batch. Raise ValueError
         with a message for the client. Must be cheap and thread-safe."""
         return None  # an optional hook: most backends need nothing more
+
+    def gather(self, parts: Sequence[dict[str, Array]]) -> dict[str, Array] | None:
+        """Optional: gather one batch's request inputs (in request order) into the backend's
+        own buffers, e.g. pinned host memory bound to a GPU session, and return the batch's
+        inputs for `execute`; runs on the instance thread just before `execute`. None (the
+        default): the batcher gathers."""
+        return None
 
     @abstractmethod
     def load(self) -> None: ...

@@ -9,8 +9,10 @@ override `k` (up to `max_k`), `nprobe` and `efSearch` with request parameters of
 requests with the same overrides share a batch.
 
 Each instance owns its copy of the index (on a GPU when one is present and the instance group
-allows it) and runs one `index.search` per batch on its own thread, with `omp_threads` OpenMP
-threads (set on that thread); FAISS releases the GIL inside.
+allows it: `index_cpu_to_gpu` with the instance's own GpuResources; a KIND_MODEL group's
+instances shard the index over all its `gpus`) and runs one `index.search` per batch on its
+own thread, with `omp_threads` OpenMP threads (set on that thread); FAISS releases the GIL
+inside. The GPU build's limits (k and nprobe up to 2048) are checked at load.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ log = logging.getLogger(__name__)
 QUERY, DISTANCES, IDS = "QUERY", "DISTANCES", "IDS"
 DEFAULT_K = 10
 GPU_MAX_K = 2048  # the largest k FAISS's GPU k-selection supports
+GPU_MAX_NPROBE = 2048  # GPU IVF indexes select the nprobe lists with the same k-selection
 METRICS = {"L2": "L2", "INNER_PRODUCT": "INNER_PRODUCT", "IP": "INNER_PRODUCT"}
 _OUTPUT_TYPES = {DISTANCES: DataType.FP32, IDS: DataType.INT64}
 _SEARCH_PARAMETERS = {"nprobe": "nprobe", "efSearch": "efSearch"}  # config key -> FAISS name
@@ -57,6 +60,32 @@ def use_gpu(num_gpus: int, instance_kind: str) -> bool:
             )
         return True
     return num_gpus > 0
+
+
+def gpu_limit_reason(max_k: int, search: dict[str, int]) -> str:
+    """Why a GPU index cannot serve these settings ("" when it can): k and nprobe above what
+    FAISS's GPU k-selection supports."""
+    if max_k > GPU_MAX_K:
+        return f"parameters.max_k {max_k} is more than the GPU's limit {GPU_MAX_K}"
+    nprobe = search.get("nprobe", 0)
+    if nprobe > GPU_MAX_NPROBE:
+        return f"parameters.nprobe {nprobe} is more than the GPU's limit {GPU_MAX_NPROBE}"
+    return ""
+
+
+def gpu_devices(spec: ModelSpec, instance: int, num_gpus: int) -> tuple[int, ...]:
+    """The GPUs one instance's index goes to: what its instance group lists (several for a
+    KIND_MODEL group: the index is sharded over them), else GPU `instance % num_gpus`."""
+    listed = spec.instance_gpus[instance] if instance < len(spec.instance_gpus) else ()
+    if not listed:
+        return (instance % num_gpus,)
+    missing = [g for g in listed if g >= num_gpus]
+    if missing:
+        raise ConfigError(
+            f"model '{spec.name}': instance_group gpus {list(listed)} lists GPU {missing[0]}, "
+            f"but FAISS sees {num_gpus} GPU(s), expected 0..{num_gpus - 1}"
+        )
+    return listed
 
 
 def faiss_reason(exc: BaseException) -> str:
@@ -310,12 +339,15 @@ class FaissBackend(Backend):
             ) if value is not None
         }
         self._gpu_resources: Any = None
+        self._space: Any = None  # a GpuParameterSpace on the GPU
         try:
             on_gpu = use_gpu(faiss.get_num_gpus(), spec.instance_kind)
         except ConfigError as exc:
             raise ConfigError(f"model '{spec.name}': {exc}") from None
         if on_gpu:
-            index = self._to_gpu(index, settings, required=spec.instance_kind == "KIND_GPU")
+            index = self._to_gpu(
+                index, settings, required=spec.instance_kind in ("KIND_GPU", "KIND_MODEL")
+            )
         self.index = index
         log.info(
             "model '%s' instance %d: %s index, %d vectors of dimension %d, k %d, on %s",
@@ -329,28 +361,29 @@ class FaissBackend(Backend):
         )
 
     def _to_gpu(self, index: Any, settings: SearchSettings, required: bool) -> Any:
-        """The index on GPU `instance % num_gpus`; with KIND_AUTO an index the GPU cannot
-        hold stays on the CPU, with KIND_GPU that is a ConfigError."""
+        """The index on this instance's GPU(s), with its own GpuResources per GPU (sharded
+        when the instance has several); with KIND_AUTO an index the GPU cannot hold stays
+        on the CPU, with KIND_GPU (or KIND_MODEL) that is a ConfigError."""
         import faiss
 
-        device = self.instance % faiss.get_num_gpus()
-        reason = ""
-        if settings.max_k > GPU_MAX_K:
-            reason = f"parameters.max_k {settings.max_k} is more than the GPU's limit {GPU_MAX_K}"
-        else:
-            resources = faiss.StandardGpuResources()
+        devices = gpu_devices(self.spec, self.instance, faiss.get_num_gpus())
+        reason = gpu_limit_reason(settings.max_k, settings.search)
+        if not reason:
+            resources = [faiss.StandardGpuResources() for _ in devices]
             try:
-                gpu_index = faiss.index_cpu_to_gpu(resources, device, index)
+                gpu_index = _clone_to_gpus(faiss, resources, devices, index)
                 apply_search_parameters(gpu_index, settings.search, faiss.GpuParameterSpace())
             except (RuntimeError, ValueError) as exc:
                 reason = faiss_reason(exc)
             else:
-                self._gpu_resources = resources  # must outlive the index that uses it
+                self._gpu_resources = resources  # must outlive the index that uses them
+                self._space = faiss.GpuParameterSpace()
                 return gpu_index
+        where = f"GPU {devices[0]}" if len(devices) == 1 else f"GPUs {list(devices)}"
         if required:
             raise ConfigError(
-                f"model '{self.spec.name}': instance_group kind KIND_GPU, but the "
-                f"{index_kind(index)} index cannot run on GPU {device}: {reason}"
+                f"model '{self.spec.name}': instance_group kind {self.spec.instance_kind}, but "
+                f"the {index_kind(index)} index cannot run on {where}: {reason}"
             )
         log.info(
             "model '%s' instance %d stays on the CPU: %s", self.spec.name, self.instance, reason
@@ -388,6 +421,11 @@ class FaissBackend(Backend):
                     f"model '{self.spec.name}': parameter '{name}' does not apply to this "
                     f"{index_kind(self.index)} index, expected none"
                 )
+            if name == "nprobe" and self._gpu_resources is not None and value > GPU_MAX_NPROBE:
+                raise ValueError(
+                    f"model '{self.spec.name}': parameter 'nprobe' is {value}, expected "
+                    f"1..{GPU_MAX_NPROBE} (the GPU index's limit)"
+                )
             options.append((name, value))
         return tuple(options)
 
@@ -404,15 +442,27 @@ class FaissBackend(Backend):
         requested = dict(options)
         search = {n: int(v) for n, v in requested.items() if n != "k"}
         if search:
-            apply_search_parameters(self.index, search)
+            apply_search_parameters(self.index, search, self._space)
         try:
             distances, ids = self.index.search(query, int(requested.get("k", self.k)))
         finally:
             if search:  # back to the model's own settings for the next batch
-                apply_search_parameters(self.index, {n: self._tunable[n] for n in search})
+                apply_search_parameters(
+                    self.index, {n: self._tunable[n] for n in search}, self._space
+                )
         found = {DISTANCES: distances, IDS: ids}
         return {name: found[name] for name in outputs}
 
     def unload(self) -> None:
         self.__dict__.pop("index", None)  # before the GPU resources it may use
+        self.__dict__.pop("_space", None)
         self.__dict__.pop("_gpu_resources", None)
+
+
+def _clone_to_gpus(faiss: Any, resources: list[Any], devices: tuple[int, ...], index: Any) -> Any:
+    """`index_cpu_to_gpu` on one GPU; on several, one shard per GPU."""
+    if len(devices) == 1:
+        return faiss.index_cpu_to_gpu(resources[0], devices[0], index)
+    options = faiss.GpuMultipleClonerOptions()
+    options.shard = True
+    return faiss.index_cpu_to_gpu_multiple_py(resources, index, options, list(devices))

@@ -10,7 +10,18 @@ from typing import Any
 
 import numpy as np
 
+from server import gpus
 from server.backends.base import Backend, Options
+from server.backends.buffers import pinned_memory_works
+from server.backends.ort_binding import IoBinding
+from server.backends.ort_providers import (
+    CPU,
+    CUDA,
+    TENSORRT,
+    ProviderPlan,
+    plan_providers,
+    select_providers,
+)
 from server.model_config import ConfigError, complete_batching, set_tensor
 from server.types import Array, DataType, TensorSpec
 
@@ -48,35 +59,7 @@ _ORT_TYPES = {
     "tensor(uint64)": DataType.UINT64,
 }
 
-CPU, CUDA, TENSORRT = (
-    "CPUExecutionProvider",
-    "CUDAExecutionProvider",
-    "TensorrtExecutionProvider",
-)
-
-
-def select_providers(
-    available: Sequence[str], instance_kind: str, gpu_accelerators: Sequence[str]
-) -> list[str]:
-    """Execution providers in priority order.
-
-    KIND_CPU always runs on the CPU. Otherwise CUDA is used when installed, and TensorRT in
-    front of it when the config asks for it (`gpu_execution_accelerator { name: "tensorrt" }`),
-    as Triton does: TensorRT compiles engines at load time, which a user must opt into.
-    """
-    if instance_kind == "KIND_CPU":
-        return [CPU]
-    providers = []
-    if "tensorrt" in gpu_accelerators and TENSORRT in available:
-        providers.append(TENSORRT)
-    if CUDA in available:
-        providers.append(CUDA)
-    if instance_kind == "KIND_GPU" and not providers:
-        raise ConfigError(
-            "instance_group kind KIND_GPU needs CUDAExecutionProvider, but ONNX Runtime offers "
-            f"only {', '.join(available)} (install the [gpu] extra)"
-        )
-    return [*providers, CPU]
+__all__ = ["CPU", "CUDA", "TENSORRT", "OnnxRuntimeBackend", "select_providers"]
 
 
 def _graph_tensors(values: Any, initializers: set[str]) -> list[tuple[str, DataType, list[int]]]:
@@ -126,6 +109,35 @@ class OnnxRuntimeBackend(Backend):
     def load(self) -> None:
         import onnxruntime as ort
 
+        available = ort.get_available_providers()
+        on_cuda = self.spec.instance_kind != "KIND_CPU" and CUDA in available
+        plan = plan_providers(
+            self.spec, available, self.instance, self.version_dir,
+            visible_gpus=gpus.visible_gpus() if on_cuda else 0,
+            tensorrt_present=(
+                on_cuda and TENSORRT in available and "tensorrt" in self.spec.gpu_accelerators
+                and gpus.tensorrt_libraries()
+            ),
+        )
+        if self.instance == 0:
+            for note in plan.notes:
+                log.warning("%s", note)
+        path = self.version_dir / self.spec.model_filename
+        self.session = ort.InferenceSession(
+            str(path), self._session_options(ort, plan),
+            providers=plan.names, provider_options=[o for _, o in plan.providers],
+        )
+        self._check_against_graph()
+        self._bytes_inputs = {t.name for t in self.spec.inputs if t.datatype is DataType.BYTES}
+        self._bytes_outputs = {t.name for t in self.spec.outputs if t.datatype is DataType.BYTES}
+        self._binding = self._io_binding(plan)
+        log.info(
+            "model '%s' instance %d on %s%s", self.spec.name, self.instance,
+            ", ".join(self.session.get_providers()),
+            " with I/O binding" if self._binding is not None else "",
+        )
+
+    def _session_options(self, ort: Any, plan: ProviderPlan) -> Any:
         params = self.spec.parameters
         options = ort.SessionOptions()
         # Default: half the cores, at most 4, per instance; ONNX Runtime's own default (every
@@ -140,16 +152,26 @@ class OnnxRuntimeBackend(Backend):
         options.add_session_config_entry(
             "session.intra_op.allow_spinning", params.get("allow_spinning", "0")
         )
+        options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, plan.graph_level)
         options.log_severity_level = 3
-        providers = select_providers(
-            ort.get_available_providers(), self.spec.instance_kind, self.spec.gpu_accelerators
-        )
-        path = self.version_dir / self.spec.model_filename
-        self.session = ort.InferenceSession(str(path), options, providers=providers)
-        self._check_against_graph()
-        self._bytes_inputs = {t.name for t in self.spec.inputs if t.datatype is DataType.BYTES}
-        self._bytes_outputs = {t.name for t in self.spec.outputs if t.datatype is DataType.BYTES}
-        log.info("model '%s' instance %d on %s", self.spec.name, self.instance, providers[0])
+        return options
+
+    def _io_binding(self, plan: ProviderPlan) -> IoBinding | None:
+        """I/O binding (parameters `io_binding`: "true" / "false"; default: on a GPU). Not
+        for models with BYTES tensors, which ONNX Runtime cannot bind."""
+        value = self.spec.parameters.get("io_binding", "").lower()
+        if value not in ("", "true", "false", "1", "0"):
+            raise ConfigError(
+                f"model '{self.spec.name}': parameters.io_binding '{value}' is invalid, "
+                'expected "true" or "false"'
+            )
+        wanted = plan.on_gpu if not value else value in ("true", "1")
+        if not wanted or self._bytes_inputs or self._bytes_outputs:
+            return None
+        on_gpu = self.session.get_providers()[0] != CPU
+        device_id = int(plan.providers[0][1].get("device_id", 0)) if on_gpu else 0
+        pinned = on_gpu and pinned_memory_works(device_id)
+        return IoBinding(self.session, "cuda" if on_gpu else "cpu", device_id, pinned)
 
     def _check_against_graph(self) -> None:
         batch = 1 if self.spec.max_batch_size > 0 else 0
@@ -187,9 +209,14 @@ class OnnxRuntimeBackend(Backend):
         for name in self._bytes_inputs.intersection(inputs):
             _to_str(name, inputs[name])
 
+    def gather(self, parts: Sequence[dict[str, Array]]) -> dict[str, Array] | None:
+        return self._binding.gather(parts) if self._binding is not None else None
+
     def execute(
         self, inputs: dict[str, Array], outputs: list[str], options: Options = ()
     ) -> dict[str, Array]:
+        if self._binding is not None:
+            return self._binding.run(inputs, outputs)
         feed = {}
         for name, array in inputs.items():
             if name in self._bytes_inputs:
@@ -204,6 +231,9 @@ class OnnxRuntimeBackend(Backend):
         return out
 
     def unload(self) -> None:
+        binding = self.__dict__.pop("_binding", None)
+        if binding is not None:
+            binding.release()
         self.__dict__.pop("session", None)
 
 

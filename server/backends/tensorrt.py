@@ -1,0 +1,185 @@
+"""TensorRT backend: a serialized engine (`model.plan`, platform `tensorrt_plan`) run through
+the `tensorrt` package (the [tensorrt] extra).
+
+Each instance deserializes the engine on its GPU and owns one execution context, one CUDA
+stream, pinned host buffers and device buffers. A batch is gathered once into the pinned
+input buffers (`gather`), copied to the device once, run with `execute_async_v3` on the
+tightest optimization profile that holds its batch size (`set_input_shape` /
+`set_tensor_address`), and its outputs are copied back once. A config without inputs and
+outputs is completed from the engine's IO tensors.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from server import extras, gpus
+from server.backends import _cudart
+from server.backends.base import Backend, Options
+from server.backends.buffers import DeviceBuffer, HostBuffer, gather_into, staged
+from server.backends.ort_providers import device_of
+from server.backends.tensorrt_engine import (
+    IoTensor,
+    batch_ranges,
+    check_against_engine,
+    choose_profile,
+    complete_from_engine,
+    describe,
+)
+from server.model_config import ConfigError
+from server.types import Array
+
+log = logging.getLogger(__name__)
+
+
+def import_tensorrt() -> Any:
+    try:
+        import tensorrt
+    except ImportError as exc:
+        raise ConfigError(extras.missing("the tensorrt_plan platform", "tensorrt", exc)) from None
+    return tensorrt
+
+
+_LOGGER: Any = None
+
+
+def _logger(trt: Any) -> Any:
+    global _LOGGER
+    if _LOGGER is None:
+        _LOGGER = trt.Logger(trt.Logger.WARNING)
+    return _LOGGER
+
+
+def deserialize(trt: Any, model: str, path: Path) -> Any:
+    if not path.is_file():
+        raise ConfigError(f"model '{model}': engine file {path} does not exist")
+    runtime = trt.Runtime(_logger(trt))
+    engine = runtime.deserialize_cuda_engine(path.read_bytes())
+    if engine is None:
+        raise ConfigError(
+            f"model '{model}': {path} is not a TensorRT engine this TensorRT "
+            f"({trt.__version__}) and GPU can run, expected a plan built by this version on "
+            "this GPU model (tachyon trt build)"
+        )
+    return engine
+
+
+class TensorRtBackend(Backend):
+    platform = "tensorrt_plan"
+
+    @classmethod
+    def complete_config(cls, config: Any, version_dir: Path, default_max_batch_size: int) -> None:
+        trt = import_tensorrt()
+        path = version_dir / (config.default_model_filename or "model.plan")
+        engine = deserialize(trt, config.name, path)
+        config.platform = config.platform or cls.platform
+        complete_from_engine(config, describe(engine, trt, config.name))
+
+    def load(self) -> None:
+        trt = import_tensorrt()
+        spec = self.spec
+        self.device = device_of(spec, self.instance, gpus.visible_gpus())
+        _cudart.set_device(self.device)
+        self._engine = deserialize(trt, spec.name, self.version_dir / spec.model_filename)
+        self._tensors = describe(self._engine, trt, spec.name)
+        check_against_engine(spec, self._tensors)
+        self._ranges = batch_ranges(self._tensors)
+        self._batched = spec.max_batch_size > 0
+        self._context = self._engine.create_execution_context()
+        self._stream = _cudart.stream_create()
+        self._profile = 0
+        self._host_in: dict[str, HostBuffer] = {}
+        self._host_out: dict[str, HostBuffer] = {}
+        self._device: dict[str, DeviceBuffer] = {}
+        self._thread = threading.local()
+        log.info(
+            "model '%s' instance %d: TensorRT engine on GPU %d, %d profile(s) %s",
+            spec.name, self.instance, self.device, len(self._ranges), self._ranges,
+        )
+
+    def _host(self, table: dict[str, HostBuffer], name: str) -> HostBuffer:
+        buffer = table.get(name)
+        if buffer is None:
+            buffer = table[name] = HostBuffer(pinned=True)
+        return buffer
+
+    def gather(self, parts: Sequence[dict[str, Array]]) -> dict[str, Array] | None:
+        return gather_into(parts, lambda name: self._host(self._host_in, name))
+
+    def _select_profile(self, inputs: dict[str, Array]) -> None:
+        if not self._batched or len(self._ranges) < 2:
+            return
+        rows = int(next(iter(inputs.values())).shape[0])
+        profile = choose_profile(self._ranges, rows)
+        if profile is None:
+            raise ValueError(
+                f"model '{self.spec.name}': a batch of {rows} fits no optimization profile "
+                f"{self._ranges}"
+            )
+        if profile != self._profile:
+            self._context.set_optimization_profile_async(profile, self._stream)
+            self._profile = profile
+
+    def execute(
+        self, inputs: dict[str, Array], outputs: list[str], options: Options = ()
+    ) -> dict[str, Array]:
+        if not getattr(self._thread, "device_set", False):
+            _cudart.set_device(self.device)  # the current device is per thread
+            self._thread.device_set = True
+        self._select_profile(inputs)
+        for name, array in inputs.items():
+            self._bind_input(name, array)
+        hosts = {}
+        for tensor in self._tensors:
+            if not tensor.is_input:
+                hosts[tensor.name] = self._bind_output(tensor)
+        if not self._context.execute_async_v3(self._stream):
+            raise RuntimeError(f"model '{self.spec.name}': TensorRT execute_async_v3 failed")
+        for name in outputs:
+            host = hosts[name]
+            _cudart.memcpy_async(
+                int(host.ctypes.data), self._device[name].pointer, host.nbytes,
+                _cudart.DEVICE_TO_HOST, self._stream,
+            )
+        _cudart.stream_synchronize(self._stream)
+        # copies: the pinned buffers are refilled by the next batch while this one's
+        # responses are still being written
+        return {name: hosts[name].copy() for name in outputs}
+
+    def _bind_input(self, name: str, array: Array) -> None:
+        array = staged(self._host(self._host_in, name), array)
+        if not self._context.set_input_shape(name, tuple(array.shape)):
+            raise ValueError(
+                f"model '{self.spec.name}': input '{name}' shape {list(array.shape)} is outside "
+                f"the engine's optimization profile {self._profile}"
+            )
+        device = self._device.setdefault(name, DeviceBuffer())
+        pointer = device.reserve(array.nbytes)
+        _cudart.memcpy_async(
+            pointer, int(array.ctypes.data), array.nbytes, _cudart.HOST_TO_DEVICE, self._stream
+        )
+        self._context.set_tensor_address(name, pointer)
+
+    def _bind_output(self, tensor: IoTensor) -> Array:
+        shape = tuple(int(d) for d in self._context.get_tensor_shape(tensor.name))
+        dtype = tensor.datatype.numpy
+        size = math.prod(shape) * dtype.itemsize
+        device = self._device.setdefault(tensor.name, DeviceBuffer())
+        self._context.set_tensor_address(tensor.name, device.reserve(size))
+        return self._host(self._host_out, tensor.name).view(dtype, shape)
+
+    def unload(self) -> None:
+        stream = self.__dict__.pop("_stream", None)
+        if stream is not None:
+            _cudart.stream_synchronize(stream)
+            _cudart.stream_destroy(stream)
+        self.__dict__.pop("_context", None)
+        self.__dict__.pop("_engine", None)
+        for table in ("_host_in", "_host_out", "_device"):
+            for buffer in self.__dict__.pop(table, {}).values():
+                buffer.release()

@@ -1,0 +1,94 @@
+"""What this host offers on the GPU side: how many GPUs a process sees, whether TensorRT's
+libraries load, and per-process GPU memory (nvidia-ml-py). Nothing here needs a GPU to import.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+# libnvinfer's sonames, newest first (TensorRT 10 is what ONNX Runtime 1.19+ links against)
+NVINFER_SONAMES = ("libnvinfer.so.10", "libnvinfer.so.11", "libnvinfer.so")
+
+
+def count_visible(cuda_visible_devices: str | None, physical: int) -> int:
+    """GPUs a CUDA process sees: CUDA_VISIBLE_DEVICES when set (a list of indexes or UUIDs,
+    cut at the first invalid entry as CUDA does), else every physical GPU."""
+    if cuda_visible_devices is None:
+        return physical
+    seen = 0
+    for entry in cuda_visible_devices.split(","):
+        entry = entry.strip()
+        if not entry or (entry.isdigit() and int(entry) >= physical) or entry.startswith("-"):
+            break
+        seen += 1
+    return seen
+
+
+def nvml() -> Any | None:
+    """pynvml, initialised, or None without nvidia-ml-py or a driver."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+    except Exception:  # ImportError, or NVMLError without a driver
+        return None
+    return pynvml
+
+
+@functools.cache
+def visible_gpus() -> int:
+    """GPUs this process may use (0 without a driver); read once."""
+    lib = nvml()
+    physical = int(lib.nvmlDeviceGetCount()) if lib is not None else 0
+    return count_visible(os.environ.get("CUDA_VISIBLE_DEVICES"), physical)
+
+
+def _pip_tensorrt_libs() -> list[Path]:
+    """libnvinfer from the `tensorrt-cu12-libs` / `tensorrt-cu13-libs` wheels, if installed."""
+    try:
+        import tensorrt_libs  # the wheels' package that only holds the shared libraries
+    except ImportError:
+        return []
+    folder = Path(next(iter(tensorrt_libs.__path__)))
+    return sorted(folder.glob("libnvinfer.so.*"))
+
+
+@functools.cache
+def tensorrt_libraries() -> bool:
+    """Whether libnvinfer loads. A pip-installed TensorRT is loaded globally here, so that
+    ONNX Runtime's TensorRT EP (which dlopens it by soname) finds it."""
+    for path in _pip_tensorrt_libs():
+        try:
+            ctypes.CDLL(str(path), mode=ctypes.RTLD_GLOBAL)
+        except OSError:
+            continue
+        return True
+    for soname in NVINFER_SONAMES:
+        try:
+            ctypes.CDLL(soname, mode=ctypes.RTLD_GLOBAL)
+        except OSError:
+            continue
+        return True
+    return False
+
+
+def process_gpu_memory(pid: int) -> int:
+    """Bytes of GPU memory that process `pid` holds, over every GPU (NVML's per-process
+    accounting); 0 when NVML is absent or the process holds none."""
+    lib = nvml()
+    if lib is None:
+        return 0
+    total = 0
+    for index in range(lib.nvmlDeviceGetCount()):
+        handle = lib.nvmlDeviceGetHandleByIndex(index)
+        for process in lib.nvmlDeviceGetComputeRunningProcesses(handle):
+            if process.pid == pid and process.usedGpuMemory is not None:
+                total += int(process.usedGpuMemory)
+    return total

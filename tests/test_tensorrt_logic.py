@@ -1,0 +1,209 @@
+"""The TensorRT backend's config and batching logic over engine descriptions (no engine is
+run here: `describe` reads these descriptions from a real engine in tests/test_gpu.py), and
+the plan builder's input checks. FAISS's GPU placement and limits, as pure functions."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from server.backends.faiss import GPU_MAX_K, GPU_MAX_NPROBE, gpu_devices, gpu_limit_reason
+from server.backends.tensorrt_build import (
+    BatchRange,
+    BuildError,
+    config_text,
+    next_version,
+    onnx_inputs,
+    profile_shapes,
+)
+from server.backends.tensorrt_engine import (
+    IoTensor,
+    batch_ranges,
+    check_against_engine,
+    choose_profile,
+    complete_from_engine,
+    datatype_of,
+)
+from server.model_config import ConfigError, ModelSpec, parse_config, to_spec
+from server.types import DataType
+
+from .conftest import BUNDLED
+
+
+def mlp_engine(*profiles: tuple[int, int, int]) -> list[IoTensor]:
+    """What `describe` gives for the MLP built with these batch profiles."""
+    shapes = tuple(((low, 784), (opt, 784), (high, 784)) for low, opt, high in profiles)
+    return [
+        IoTensor("INPUT0", True, DataType.FP32, (-1, 784), shapes),
+        IoTensor("OUTPUT0", False, DataType.FP32, (-1, 10)),
+    ]
+
+
+def completed(tensors: list[IoTensor], text: str = "") -> Any:
+    config = parse_config(f'platform: "tensorrt_plan" {text}', "plan")
+    complete_from_engine(config, tensors)
+    return config
+
+
+# -- auto-complete -------------------------------------------------------------------------
+
+
+def test_config_is_completed_from_the_engine() -> None:
+    config = completed(mlp_engine((1, 64, 512)))
+    spec = to_spec(config, "tensorrt")
+    assert spec.max_batch_size == 512
+    assert [(t.name, t.datatype, t.dims) for t in spec.inputs] == [
+        ("INPUT0", DataType.FP32, (784,))]
+    assert [(t.name, t.datatype, t.dims) for t in spec.outputs] == [
+        ("OUTPUT0", DataType.FP32, (10,))]
+    assert spec.dynamic_batching is not None  # batching completed on, as for ONNX models
+
+
+def test_a_given_max_batch_size_and_listed_tensors_are_kept() -> None:
+    config = completed(mlp_engine((1, 8, 32)), "max_batch_size: 16 input [{ name: 'INPUT0' "
+                       "data_type: TYPE_FP32 dims: [784] }]")
+    spec = to_spec(config, "tensorrt")
+    assert spec.max_batch_size == 16
+    assert [t.name for t in spec.inputs] == ["INPUT0"] and [t.name for t in spec.outputs] == [
+        "OUTPUT0"]
+
+
+def test_an_engine_without_a_dynamic_batch_dimension_does_not_batch() -> None:
+    tensors = [IoTensor("X", True, DataType.FP16, (4, 3), (((4, 3), (4, 3), (4, 3)),)),
+               IoTensor("Y", False, DataType.FP16, (4, 2))]
+    spec = to_spec(completed(tensors), "tensorrt")
+    assert spec.max_batch_size == 0
+    assert spec.inputs[0].dims == (4, 3) and spec.outputs[0].dims == (4, 2)
+
+
+def test_engine_types_without_a_numpy_type_are_refused() -> None:
+    assert datatype_of("m", "X", "HALF") is DataType.FP16
+    with pytest.raises(ConfigError, match="model 'm': engine tensor 'X' has type BF16, which "
+                                          "Tachyon cannot serve, expected one of FLOAT"):
+        datatype_of("m", "X", "BF16")
+
+
+# -- profiles ------------------------------------------------------------------------------
+
+
+def test_batch_ranges_are_what_every_input_accepts() -> None:
+    two = [
+        IoTensor("A", True, DataType.FP32, (-1, 2), (((1, 2), (4, 2), (8, 2)),
+                                                     ((9, 2), (32, 2), (64, 2)))),
+        IoTensor("B", True, DataType.FP32, (-1, 2), (((2, 2), (4, 2), (16, 2)),
+                                                     ((70, 2), (80, 2), (90, 2)))),
+    ]
+    assert batch_ranges(two) == [(2, 8), (0, -1)]
+
+
+def test_the_tightest_profile_holding_the_batch_is_chosen() -> None:
+    ranges = [(1, 512), (1, 8), (9, 64)]
+    assert choose_profile(ranges, 1) == 1
+    assert choose_profile(ranges, 8) == 1
+    assert choose_profile(ranges, 9) == 2
+    assert choose_profile(ranges, 200) == 0
+    assert choose_profile(ranges, 513) is None
+
+
+def test_load_refuses_a_max_batch_size_the_profiles_do_not_cover() -> None:
+    spec = to_spec(completed(mlp_engine((1, 8, 32)), "max_batch_size: 64"), "tensorrt")
+    with pytest.raises(ConfigError, match=r"model 'plan': max_batch_size 64 needs a batch of 33, "
+                                          r"but the engine's optimization profiles accept batch "
+                                          r"sizes 1\.\.32, expected profiles covering 1\.\.64"):
+        check_against_engine(spec, mlp_engine((1, 8, 32)))
+    check_against_engine(spec, mlp_engine((1, 8, 32), (33, 48, 64)))  # two profiles cover it
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        ("input [{ name: 'IN' data_type: TYPE_FP32 dims: [784] }]",
+         r"input 'IN' is not an engine input, expected one of \['INPUT0'\]"),
+        ("input [{ name: 'INPUT0' data_type: TYPE_FP16 dims: [784] }]",
+         "input 'INPUT0': data_type TYPE_FP16 does not match the engine's TYPE_FP32"),
+        ("input [{ name: 'INPUT0' data_type: TYPE_FP32 dims: [28, 28] }]",
+         r"input 'INPUT0': dims \[28, 28\] with max_batch_size 8 give rank 3, but the "
+         r"engine's shape is \[-1, 784\]"),
+        ("input [{ name: 'OUTPUT0' data_type: TYPE_FP32 dims: [10] }]",
+         r"input 'OUTPUT0' is not an engine input"),
+    ],
+)
+def test_configs_that_disagree_with_the_engine_are_refused(config: str, message: str) -> None:
+    text = (f"max_batch_size: 8 {config} output [{{ name: 'OUTPUT0' data_type: TYPE_FP32 "
+            "dims: [10] }]")
+    spec = to_spec(parse_config(text, "plan"), "tensorrt")
+    with pytest.raises(ConfigError, match=f"model 'plan': {message}"):
+        check_against_engine(spec, mlp_engine((1, 8, 8)))
+
+
+# -- tachyon trt build: what is checked before TensorRT runs -------------------------------
+
+
+def test_profiles_come_from_the_onnx_inputs_and_the_batch_range() -> None:
+    inputs = onnx_inputs(BUNDLED / "add_sub" / "1" / "model.onnx")
+    assert inputs == [("INPUT0", (-1, 16)), ("INPUT1", (-1, 16))]
+    shapes = profile_shapes(inputs, BatchRange(1, 64, 512))
+    assert shapes["INPUT1"] == ((1, 16), (64, 16), (512, 16))
+
+
+@pytest.mark.parametrize(
+    ("inputs", "batch", "message"),
+    [
+        ([("X", (8, 16))], BatchRange(1, 1, 8),
+         r"input 'X' has shape \[8, 16\], expected a dynamic first \(batch\) dimension"),
+        ([("X", (-1, -1))], BatchRange(1, 1, 8),
+         r"input 'X' has shape \[-1, -1\], expected fixed sizes after the batch dimension"),
+        ([("X", (-1, 4))], BatchRange(1, 16, 8),
+         r"--min-batch 1 --opt-batch 16 --max-batch 8 are invalid, expected 1 <= min <= opt"),
+    ],
+)
+def test_bad_build_inputs_are_refused(
+    inputs: list[tuple[str, tuple[int, ...]]], batch: BatchRange, message: str
+) -> None:
+    with pytest.raises(BuildError, match=message):
+        profile_shapes(inputs, batch)
+
+
+def test_a_build_goes_to_the_next_version_with_a_config_the_server_completes(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "m" / "1").mkdir(parents=True)
+    (tmp_path / "m" / "3").mkdir()
+    (tmp_path / "m" / "notes").mkdir()
+    assert next_version(tmp_path / "m") == 4
+    assert next_version(tmp_path / "absent") == 1
+    config = parse_config(config_text("m", 512), "m")
+    assert (config.platform, config.max_batch_size) == ("tensorrt_plan", 512)
+    assert config.HasField("dynamic_batching")
+
+
+# -- FAISS on GPU: placement and limits ----------------------------------------------------
+
+
+def faiss_spec(group: str) -> ModelSpec:
+    text = ("max_batch_size: 8 input [{ name: 'QUERY' data_type: TYPE_FP32 dims: [8] }] "
+            "output [{ name: 'IDS' data_type: TYPE_INT64 dims: [4] }] " + group)
+    return to_spec(parse_config(text, "idx"), "faiss")
+
+
+def test_faiss_instances_replicate_over_listed_gpus_or_shard_with_kind_model() -> None:
+    replicated = faiss_spec("instance_group [{ kind: KIND_GPU gpus: [0, 1] }]")
+    assert [gpu_devices(replicated, i, 2) for i in range(2)] == [(0,), (1,)]
+    sharded = faiss_spec("instance_group [{ kind: KIND_MODEL gpus: [0, 1] }]")
+    assert sharded.instance_count == 1
+    assert gpu_devices(sharded, 0, 2) == (0, 1)
+    unlisted = faiss_spec("instance_group [{ kind: KIND_GPU count: 3 }]")
+    assert [gpu_devices(unlisted, i, 2) for i in range(3)] == [(0,), (1,), (0,)]
+    with pytest.raises(ConfigError, match=r"model 'idx': instance_group gpus \[0, 1\] lists GPU "
+                                          r"1, but FAISS sees 1 GPU\(s\), expected 0\.\.0"):
+        gpu_devices(sharded, 0, 1)
+
+
+def test_faiss_gpu_limits_are_named() -> None:
+    assert gpu_limit_reason(GPU_MAX_K, {"nprobe": GPU_MAX_NPROBE}) == ""
+    assert gpu_limit_reason(GPU_MAX_K + 1, {}) == (
+        f"parameters.max_k {GPU_MAX_K + 1} is more than the GPU's limit {GPU_MAX_K}")
+    assert gpu_limit_reason(10, {"nprobe": 4096}) == (
+        f"parameters.nprobe 4096 is more than the GPU's limit {GPU_MAX_NPROBE}")

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from server import __version__, logs, tracing
+from server import __version__, logs, shared_memory, tracing
 from server.backends.base import Options
 from server.config import ServerSettings
 from server.errors import Code, ServingError, invalid
@@ -35,6 +35,7 @@ EXTENSIONS = (
     "parameters",
     "schedule_policy",
     "statistics",
+    "system_shared_memory",
 )
 
 
@@ -73,6 +74,8 @@ class DataPlane:
         # None unless --trace-config turns tracing on: transports check it once per request
         self.tracer = tracing.make_tracer(settings.trace)
         self._liveness: list[Callable[[], bool]] = []
+        # the system shared memory regions, registered over either transport
+        self.shared_memory = shared_memory.SharedMemoryRegistry()
 
     # -- health ---------------------------------------------------------------------------
 
@@ -126,6 +129,23 @@ class DataPlane:
     # -- inference ------------------------------------------------------------------------
 
     async def infer(self, request: InferRequest) -> InferResponse:
+        if not shared_memory.uses_shared_memory(request):
+            return await self._infer(request)
+        try:  # inputs are read from their regions; outputs' regions are held until written
+            memory = await shared_memory.admit(self.shared_memory, request)
+        except ServingError as exc:
+            log.info("request to '%s' failed: %s", request.model_name, exc.message)
+            if request.trace is not None:
+                request.trace.finish(request.model_name, request.model_version, request.id, exc)
+            raise
+        try:
+            response = await self._infer(request)
+            await memory.deliver(response)
+            return response
+        finally:
+            memory.close()
+
+    async def _infer(self, request: InferRequest) -> InferResponse:
         if request.id:
             logs.request_id.set(request.id)  # each request runs in its own task's context
         try:

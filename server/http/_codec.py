@@ -16,6 +16,7 @@ from typing import Any
 
 import orjson
 
+from server import shared_memory
 from server.errors import invalid
 from server.http._body import OFFLOAD_BYTES
 from server.tensors import check_shape, from_json, from_raw, to_json, to_raw
@@ -45,6 +46,14 @@ def _tensor(
     params = item.get("parameters") or {}
     if not isinstance(params, dict):
         raise invalid(f"input '{name}': 'parameters' must be an object, got {params!r}")
+    ref = shared_memory.tensor_ref(f"input '{name}'", params)
+    if ref is not None:
+        if "data" in item or "binary_data_size" in params:
+            raise invalid(
+                f"input '{name}': 'data' or binary_data_size given for an input in shared "
+                f"memory region '{ref.region}', expected one or the other"
+            )
+        return shared_memory.shared_input(name, datatype, shape, ref), offset
     size = params.get("binary_data_size")
     if size is not None:
         if not binary_sizes_ok:
@@ -86,7 +95,8 @@ def _requested_output(out: Any) -> RequestedOutput:
                 f"output '{name}': parameter 'classification' is {class_count!r}, expected a "
                 "positive integer: the number of top classes to return"
             )
-    return RequestedOutput(name, None if binary is None else bool(binary), class_count)
+    ref = shared_memory.tensor_ref(f"output '{name}'", params)
+    return RequestedOutput(name, None if binary is None else bool(binary), class_count, ref)
 
 
 def decode_infer_request(
@@ -150,7 +160,9 @@ def encode_infer_response(
         binary = wants.get(output.name)
         if binary is None:
             binary = binary_default
-        if binary:
+        if output.shared_memory is not None:
+            pass  # written to its region: no data here, as in Triton
+        elif binary:
             raw = to_raw(output.datatype, output.data)
             entry["parameters"] = {"binary_data_size": len(raw)}
             chunks.append(raw)

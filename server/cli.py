@@ -18,6 +18,7 @@ from server import (
     tls,
     tracing,
 )
+from server.backends import tensorrt_build
 from server.cache import CacheConfigError, parse_cache_config
 from server.config import GrpcConnections, ServerSettings
 
@@ -248,6 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     index_build.add_parser(sub)
     bench.add_parser(sub)
     optimize.add_parser(sub)
+    tensorrt_build.add_parser(sub)
     return parser
 
 
@@ -257,6 +259,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return index_build.run(args)
     if args.command == "bench":
         return bench.run(args)
+    if args.command == "trt":
+        return tensorrt_build.run(args)
     if args.command == "optimize":
         return optimize.run(args, list(argv) if argv is not None else None)
     if args.command == "serve":

@@ -4,6 +4,7 @@ the plan builder's input checks. FAISS's GPU placement and limits, as pure funct
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 from typing import Any
 
@@ -207,3 +208,20 @@ def test_faiss_gpu_limits_are_named() -> None:
         f"parameters.max_k {GPU_MAX_K + 1} is more than the GPU's limit {GPU_MAX_K}")
     assert gpu_limit_reason(10, {"nprobe": 4096}) == (
         f"parameters.nprobe 4096 is more than the GPU's limit {GPU_MAX_NPROBE}")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None,
+                    reason="checks the message without TensorRT")
+def test_trt_build_without_tensorrt_says_which_extra(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from server.cli import main
+
+    onnx_file = str(BUNDLED / "add_sub" / "1" / "model.onnx")
+    argv = ["trt", "build", "--onnx", onnx_file, "--repository", str(tmp_path), "--model", "m"]
+    assert main([*argv, "--max-batch", "8", "--opt-batch", "16"]) == 2
+    assert "--opt-batch 16 --max-batch 8 are invalid" in capsys.readouterr().err
+    assert main([*argv, "--max-batch", "8"]) == 2
+    error = capsys.readouterr().err
+    assert "needs the tensorrt extra: pip install tachyon-serve[tensorrt]" in error
+    assert not (tmp_path / "m").exists()  # nothing written

@@ -404,7 +404,7 @@ def build(
 
 
 def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """`tachyon index build ...`"""
+    """`tachyon index build | tune ...`"""
     index = subparsers.add_parser(
         "index", help="build FAISS indexes as models", description="FAISS index tools."
     )
@@ -439,10 +439,17 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     p.add_argument("--model", required=True, metavar="NAME", help="the model's folder name")
     p.add_argument("--version", type=int, default=None, metavar="N",
                    help="the version to write (default: one after the highest)")
+    from server import index_tune  # it builds on this module
+
+    index_tune.add_parser(commands)
 
 
 def run(args: argparse.Namespace) -> int:
     """Run `tachyon index <command>`; 0 on success, 2 on bad input, 1 on a failed write."""
+    if args.index_command == "tune":
+        from server import index_tune
+
+        return index_tune.run(args)
     if args.index_command != "build":
         print(f"tachyon index: unknown command '{args.index_command}'", file=sys.stderr)
         return 2

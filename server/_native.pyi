@@ -300,3 +300,19 @@ class InferRouter:
 
     def stats(self) -> dict[str, int]:
         """``calls`` and ``chunks`` planned natively so far."""
+
+def plain_infer_request(
+    message: bytes,
+) -> tuple[str, str, str, list[tuple[str, str, tuple[int, ...]]], list[str], list[bytes]] | None:
+    """The native request path's ModelInferRequest reader (for tests): None unless the
+    message parses and is plain (no parameters, no typed contents), else ``(model_name,
+    model_version, id, inputs, outputs, raw_input_contents)``."""
+
+def infer_response(
+    model_name: str,
+    model_version: str,
+    id: str,
+    outputs: Sequence[tuple[str, str, Sequence[int], bytes]],
+) -> bytes:
+    """The native request path's ModelInferResponse writer (for tests): raw outputs
+    ``(name, datatype, shape, bytes)``, as upb serializes the message."""

@@ -106,3 +106,158 @@ def decode_bytes(buf: Buffer, count: int = -1) -> list[bytes]:
 
 def bytes_sizes(buf: Buffer) -> int:
     return len(_scan(buf, -1))
+
+
+# -- the native request path's wire reader and writer (native/src/infer_wire.hpp) -----------
+
+PlainRequest = tuple[str, str, str, list[tuple[str, str, tuple[int, ...]]], list[str], list[bytes]]
+
+
+class _NotPlain(Exception):
+    """Malformed, or a feature the native request path leaves to Python."""
+
+
+def _read_varint(data: bytes, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while shift < 64:
+        if pos >= len(data):
+            raise _NotPlain("truncated varint")
+        byte = data[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value & 0xFFFFFFFFFFFFFFFF, pos
+        shift += 7
+    raise _NotPlain("overlong varint")
+
+
+def _fields(data: bytes) -> list[tuple[int, int, int | bytes]]:
+    """(field, wire type, value) of every top-level field; groups are not plain."""
+    out: list[tuple[int, int, int | bytes]] = []
+    pos = 0
+    while pos < len(data):
+        key, pos = _read_varint(data, pos)
+        field, wire = key >> 3, key & 7
+        if key > 0xFFFFFFFF or field == 0:
+            raise _NotPlain("bad key")
+        value: int | bytes
+        if wire == 0:
+            value, pos = _read_varint(data, pos)
+        elif wire in (1, 5):
+            size = 8 if wire == 1 else 4
+            if pos + size > len(data):
+                raise _NotPlain("truncated fixed field")
+            value, pos = data[pos : pos + size], pos + size
+        elif wire == 2:
+            length, pos = _read_varint(data, pos)
+            if length > len(data) - pos:
+                raise _NotPlain("truncated bytes")
+            value, pos = data[pos : pos + length], pos + length
+        else:
+            raise _NotPlain("group")
+        out.append((field, wire, value))
+    return out
+
+
+def _data(value: int | bytes) -> bytes:
+    return value if isinstance(value, bytes) else b""
+
+
+def _signed(value: int) -> int:
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+def _plain_input(data: bytes) -> tuple[str, str, tuple[int, ...]]:
+    name, datatype, shape = b"", b"", []
+    for field, wire, value in _fields(data):
+        if field in (4, 5):
+            raise _NotPlain("input parameters or contents")
+        if field == 1 and wire == 2:
+            name = _data(value)
+        elif field == 2 and wire == 2:
+            datatype = _data(value)
+        elif field == 3 and wire == 0:
+            shape.append(_signed(value if isinstance(value, int) else 0))
+        elif field == 3 and wire == 2:
+            packed, pos = _data(value), 0
+            while pos < len(packed):
+                item, pos = _read_varint(packed, pos)
+                shape.append(_signed(item))
+        elif field == 3:
+            raise _NotPlain("shape with a fixed wire type")
+    return name.decode("utf-8", "replace"), datatype.decode("utf-8", "replace"), tuple(shape)
+
+
+def _plain_output(data: bytes) -> str:
+    name = b""
+    for field, wire, value in _fields(data):
+        if field == 2:
+            raise _NotPlain("output parameters")
+        if field == 1 and wire == 2:
+            name = _data(value)
+    return name.decode("utf-8", "replace")
+
+
+def plain_infer_request(message: bytes) -> PlainRequest | None:
+    """Reference of ``server._native.plain_infer_request``: the plain subset of a
+    ModelInferRequest (no parameters anywhere, no typed contents), or None."""
+    strings = [b"", b"", b""]
+    inputs, outputs, raw = [], [], []
+    try:
+        for field, wire, value in _fields(message):
+            if 1 <= field <= 7 and wire != 2:
+                return None  # a known field with the wrong wire type
+            data = _data(value)
+            if field in (1, 2, 3):
+                strings[field - 1] = data
+            elif field == 4:
+                return None
+            elif field == 5:
+                inputs.append(_plain_input(data))
+            elif field == 6:
+                outputs.append(_plain_output(data))
+            elif field == 7:
+                raw.append(data)
+        name, version, request_id = (s.decode("utf-8") for s in strings)
+    except (_NotPlain, UnicodeDecodeError):
+        return None
+    return name, version, request_id, inputs, outputs, raw
+
+
+def _key(field: int, wire: int) -> bytes:
+    return _varint(field << 3 | wire)
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value >= 0x80:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _length_delimited(field: int, data: bytes) -> bytes:
+    return _key(field, 2) + _varint(len(data)) + data
+
+
+def infer_response(
+    model_name: str, model_version: str, id: str, outputs: list[tuple[str, str, list[int], bytes]]
+) -> bytes:
+    """Reference of ``server._native.infer_response``: a ModelInferResponse of raw outputs,
+    fields in number order, empty strings and shapes left out (as upb writes them)."""
+    out = b""
+    for field, text in ((1, model_name), (2, model_version), (3, id)):
+        if text:
+            out += _length_delimited(field, text.encode())
+    for name, datatype, shape, _ in outputs:
+        tensor = b"".join(
+            _length_delimited(field, text.encode())
+            for field, text in ((1, name), (2, datatype)) if text
+        )
+        if shape:
+            tensor += _length_delimited(3, b"".join(_varint(d) for d in shape))
+        out += _length_delimited(5, tensor)
+    for *_, data in outputs:
+        out += _length_delimited(6, data)
+    return out

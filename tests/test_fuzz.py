@@ -39,8 +39,8 @@ ROOT = Path(__file__).resolve().parent.parent
 FUZZ = ROOT / "tools" / "fuzz.py"
 FUZZ_SECONDS = int(os.environ.get("TACHYON_FUZZ_SECONDS", "30"))
 TARGETS = [
-    "grpc_message_reader", "bytes_wire", "bytes_codec", "grpc_http2", "py_grpc_infer",
-    "py_http_infer",
+    "grpc_message_reader", "bytes_wire", "bytes_codec", "grpc_http2", "infer_router",
+    "py_grpc_infer", "py_http_infer",
 ]
 # Built only where the platform allows (native/fuzz/CMakeLists.txt says why when it is not).
 OPTIONAL = {"bytes_codec": "no libpython to embed (Debian: python3-dev)"}

@@ -16,6 +16,8 @@ Targets (harnesses in native/fuzz/ for the native ones, tools/fuzz_python.py for
 - bytes_codec: native/src/bytes_codec.cpp (decode_bytes, bytes_sizes, encode_bytes) on Python
   objects, in an embedded interpreter (built when libpython is there to embed)
 - grpc_http2: native/src/grpc_frontend.cpp, nghttp2 with our callbacks, over loopback
+- infer_router: native/src/infer_wire.hpp and infer_router.cpp, the native request path's
+  ModelInferRequest reader, chunk planner and response writer
 - py_grpc_infer: server.grpc.server.parse_infer_request + decode_infer_request
 - py_http_infer: server.http.server.decode_infer_request, JSON and binary bodies
 
@@ -43,7 +45,9 @@ FUZZ_BUILD = ROOT / "build" / "fuzz"
 # one per interpreter (cpython-311, cpython-312): the module's name carries its ABI
 SANITIZED_BUILD = ROOT / "build" / "sanitized" / sys.implementation.cache_tag
 SEEDS = ROOT / "fuzz" / "corpus"  # committed seeds; fuzz/<target>.dict: libFuzzer dictionaries
-NATIVE_TARGETS = ("grpc_message_reader", "bytes_wire", "bytes_codec", "grpc_http2")
+NATIVE_TARGETS = (
+    "grpc_message_reader", "bytes_wire", "bytes_codec", "grpc_http2", "infer_router",
+)
 PYTHON_TARGETS = ("py_grpc_infer", "py_http_infer")
 TARGETS = NATIVE_TARGETS + PYTHON_TARGETS
 # Per-input time limit: the HTTP/2 harness waits up to 5 s for an answer before it reports a hang.
@@ -184,6 +188,31 @@ def _infer_request_bytes() -> list[bytes]:
     return [m.SerializeToString() for m in (fp32, text, typed, half)]
 
 
+def _seeds_infer_router() -> dict[str, bytes]:
+    """Requests to the harness's model "m" (A: FP32 [-1], B: INT8 [2], max_batch_size 4)."""
+    sys.path.insert(0, str(ROOT))
+    from server import proto
+
+    plain = proto.ModelInferRequest(model_name="m", id="7")
+    plain.inputs.add(name="A", datatype="FP32", shape=[2, 3])
+    plain.inputs.add(name="B", datatype="INT8", shape=[2, 2])
+    plain.raw_input_contents.extend([bytes(24), bytes(4)])
+    plain.outputs.add(name="Z")
+    swapped = proto.ModelInferRequest(model_name="m", model_version="1")
+    swapped.inputs.add(name="B", datatype="INT8", shape=[1, 2])
+    swapped.inputs.add(name="A", datatype="FP32", shape=[1, 1])
+    swapped.raw_input_contents.extend([bytes(2), bytes(4)])
+    with_parameter = proto.ModelInferRequest()
+    with_parameter.CopyFrom(plain)
+    with_parameter.parameters["priority"].int64_param = 1
+    return {
+        "plain": plain.SerializeToString(),
+        "swapped": swapped.SerializeToString(),
+        "with_parameter": with_parameter.SerializeToString(),
+        "fp32_raw": _infer_request_bytes()[0],
+    }
+
+
 def _seeds_grpc_http2() -> dict[str, bytes]:
     request = _infer_request_bytes()[0]
     ping = _h2_record(6, 0, 0, b"12345678")
@@ -230,6 +259,7 @@ SEED_MAKERS: dict[str, Callable[[], dict[str, bytes]]] = {
     "bytes_wire": _seeds_bytes_wire,
     "bytes_codec": _seeds_bytes_codec,
     "grpc_http2": _seeds_grpc_http2,
+    "infer_router": _seeds_infer_router,
     "py_grpc_infer": _seeds_py_grpc_infer,
     "py_http_infer": _seeds_py_http_infer,
 }

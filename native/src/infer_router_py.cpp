@@ -236,9 +236,70 @@ nb::tuple shape_of(const PyChunk& py, std::size_t s, std::size_t& inner_at) {
   return nb::tuple(shape);
 }
 
+// The parser alone, for its tests: None when not plain, else (model_name, model_version, id,
+// [(name, datatype, shape)], [output names], [raw bytes]).
+nb::object plain_infer_request(nb::bytes message) {
+  infer_wire::PlainRequest r;
+  if (!infer_wire::parse_plain_request(message.c_str(), message.size(), r)) {
+    return nb::none();
+  }
+  // Tensor names are not checked for UTF-8 (a bad one matches no model): shown replaced.
+  const auto str = [](std::string_view v) {
+    return nb::steal<nb::str>(
+        PyUnicode_DecodeUTF8(v.data(), static_cast<Py_ssize_t>(v.size()), "replace"));
+  };
+  nb::list inputs;
+  for (const auto& in : r.inputs) {
+    nb::list shape;
+    for (const std::int64_t d : in.shape) {
+      shape.append(d);
+    }
+    inputs.append(nb::make_tuple(str(in.name), str(in.datatype), nb::tuple(shape)));
+  }
+  nb::list outputs;
+  for (const auto name : r.outputs) {
+    outputs.append(str(name));
+  }
+  nb::list raw;
+  for (const auto v : r.raw) {
+    raw.append(nb::bytes(v.data(), v.size()));
+  }
+  return nb::make_tuple(str(r.model_name), str(r.model_version), str(r.id), inputs, outputs,
+                        raw);
+}
+
+// The writer alone, for its tests: a ModelInferResponse of raw outputs
+// [(name, datatype, shape, bytes)].
+nb::bytes infer_response(const std::string& model_name, const std::string& version,
+                         const std::string& id,
+                         const std::vector<std::tuple<std::string, std::string,
+                                                      std::vector<std::int64_t>, nb::bytes>>& outputs) {
+  std::vector<infer_wire::OutputSlice> slices;
+  for (const auto& [name, datatype, shape, data] : outputs) {
+    slices.push_back({name, datatype, shape, data.c_str(), data.size()});
+  }
+  std::string out;
+  out.reserve(infer_wire::response_size(model_name, version, id, slices));
+  infer_wire::write_response(out, model_name, version, id, slices);
+  return nb::bytes(out.data(), out.size());
+}
+
 }  // namespace
 
 void register_infer_router(nb::module_& m) {
+  m.def("plain_infer_request", &plain_infer_request, "message"_a,
+        nb::sig("def plain_infer_request(message: bytes) -> tuple[str, str, str, "
+                "list[tuple[str, str, tuple[int, ...]]], list[str], list[bytes]] | None"),
+        "The native request path's ModelInferRequest reader (for tests): None unless the\n"
+        "message parses and is plain, else (model_name, model_version, id, inputs, outputs,\n"
+        "raw_input_contents).");
+  m.def("infer_response", &infer_response, "model_name"_a, "model_version"_a, "id"_a,
+        "outputs"_a,
+        nb::sig("def infer_response(model_name: str, model_version: str, id: str, outputs: "
+                "collections.abc.Sequence[tuple[str, str, collections.abc.Sequence[int], "
+                "bytes]]) -> bytes"),
+        "The native request path's ModelInferResponse writer (for tests).");
+
   nb::class_<PyChunk>(m, "InferChunk",
                       "ModelInfer calls to one model version, answered by the native request\n"
                       "path: their inputs coalesced row-wise, one buffer per model input.")

@@ -309,8 +309,10 @@ inline std::size_t tensor_size(const OutputSlice& o, std::size_t& packed) {
   for (const std::int64_t d : o.shape) {
     packed += varint_size(static_cast<std::uint64_t>(d));
   }
-  std::size_t n = 1 + varint_size(o.name.size()) + o.name.size();
-  n += 1 + varint_size(o.datatype.size()) + o.datatype.size();
+  std::size_t n = 0;
+  for (const std::string_view text : {o.name, o.datatype}) {
+    n += text.empty() ? 0 : 1 + varint_size(text.size()) + text.size();
+  }
   if (!o.shape.empty()) {
     n += 1 + varint_size(packed) + packed;
   }
@@ -335,8 +337,12 @@ inline void write_response(std::string& out, std::string_view model_name,
     std::size_t packed = 0;
     put_key(out, 5, 2);
     put_varint(out, tensor_size(o, packed));
-    put_string(out, 1, o.name);
-    put_string(out, 2, o.datatype);
+    if (!o.name.empty()) {
+      put_string(out, 1, o.name);
+    }
+    if (!o.datatype.empty()) {
+      put_string(out, 2, o.datatype);
+    }
     if (!o.shape.empty()) {
       put_key(out, 3, 2);
       put_varint(out, packed);

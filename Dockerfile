@@ -1,8 +1,8 @@
 # Tachyon on a GPU host: CUDA runtime + cuDNN and the [gpu] extra (ONNX Runtime with the CUDA
 # and TensorRT execution providers, NVML metrics, faiss-gpu-cu12), plus the text and trace
 # extras; [faiss] brings tqdm for `tachyon index build`, and its faiss-cpu is swapped out.
-# The CUDA base must match onnxruntime-gpu's CUDA major (CUDA_IMAGE): this image is not
-# verified on a GPU (see the README, GPU). The bundled
+# Everything is CUDA 12 (onnxruntime-gpu < 1.27 matches the base; 1.27+ is CUDA 13). This
+# image is not verified on a GPU (see the README, GPU). The bundled
 # models and the semantic-search example are built in the build stage (the examples extra
 # stays there). The CPU image is Dockerfile.cpu.
 #   docker build -t tachyon:0.1.0-gpu .
@@ -42,7 +42,8 @@ RUN python3 -m venv /opt/tachyon \
  && WHEEL="$(find /wheels -name 'tachyon_serve-*.whl')" \
  && /opt/tachyon/bin/pip install "${WHEEL}[gpu,faiss,text,trace]" \
  && /opt/tachyon/bin/pip uninstall -y onnxruntime faiss-cpu \
- && /opt/tachyon/bin/pip install --force-reinstall --no-deps "onnxruntime-gpu>=1.19" "faiss-gpu-cu12>=1.8" \
+ && /opt/tachyon/bin/pip install --force-reinstall --no-deps "onnxruntime-gpu>=1.19,<1.27" \
+      "faiss-gpu-cu12>=1.8" \
  && rm -rf /wheels
 COPY --from=build --chown=10001:10001 /models /models
 USER 10001

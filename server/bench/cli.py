@@ -1,4 +1,4 @@
-"""`tachyon bench run | compare | list`: the command line of the benchmark suite."""
+"""`tachyon bench run | compare | list | tune`: the command line of the benchmark suite."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from server.bench import report, scenario, servers
+from server.bench import report, scenario, servers, tune_cli
 from server.bench.errors import BenchError
 from server.bench.runner import prepare, run_points
 from server.bench.scenario import Scenario
@@ -119,6 +119,7 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
                        help="the peer kit with run-peers (default ../shared/bench)")
     _load_options(cmp_p)
     commands.add_parser("list", help="list the scenarios found")
+    tune_cli.add_parser(commands)
 
 
 def build_scenario(args: argparse.Namespace) -> Scenario:
@@ -213,12 +214,15 @@ def _list() -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Runs `tachyon bench <command>`; 0 measured, 1 a peer not measured, 2 bad input."""
+    """Runs `tachyon bench <command>`; 0 measured, 1 a peer not measured (tune: no config met
+    the budget), 2 bad input."""
     try:
         if args.bench_command == "run":
             return _run(args)
         if args.bench_command == "compare":
             return _compare(args)
+        if args.bench_command == "tune":
+            return tune_cli.run(args)
         return _list()
     except BenchError as exc:
         print(f"tachyon bench: error: {exc}", file=sys.stderr)

@@ -1,0 +1,124 @@
+"""The report folder of `tachyon bench tune`: report.md (every trial, the best marked),
+trials.json, a PNG of throughput against p99 for every trial with the budget drawn, and the
+best config.pbtxt."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from server.bench.report import _pyplot
+from server.bench.tune import Trial
+
+REPORT = "report.md"
+RAW = "trials.json"
+PLOT = "tune.png"
+CONFIG = "config.pbtxt"
+
+
+def _ms(value: float) -> str:
+    return "-" if value != value else f"{value:.2f}"
+
+
+def table(trials: Sequence[Trial], budget_ms: float, chosen: Trial | None) -> str:
+    head = ["trial", "max_batch_size", "max_queue_delay_us", "instances", "threads", "infer/s",
+            "p50 ms", "p99 ms", "errors", "within budget"]
+    rows = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for number, t in enumerate(trials, 1):
+        c = t.config
+        verdict = "**best**" if t is chosen else ("yes" if t.within(budget_ms) else "no")
+        if t.failure:
+            verdict = f"failed: {t.failure.splitlines()[0][:120]}"
+        rows.append("| " + " | ".join([
+            str(number), str(c.max_batch_size), str(c.delay_us), str(c.instances),
+            "-" if c.threads is None else str(c.threads), f"{t.throughput:,.1f}",
+            _ms(t.p50_ms), _ms(t.p99_ms), str(t.errors), verdict]) + " |")
+    return "\n".join(rows)
+
+
+def markdown(info: Mapping[str, Any], trials: Sequence[Trial], chosen: Trial | None) -> str:
+    budget = float(info["p99_ms"])
+    verdict = (f"best: {chosen.config.label}: {chosen.throughput:,.1f} infer/s at p99 "
+               f"{chosen.p99_ms:.2f} ms (budget {budget:g} ms); written: {info['written']}"
+               if chosen else f"no trial met p99 <= {budget:g} ms: no config written")
+    return "\n".join([
+        f"# tachyon bench tune: {info['model']}",
+        "",
+        f"- command: `{info['command']}`",
+        f"- machine: {info['machine']}",
+        f"- date: {info['date']}",
+        f"- server: tachyon serve on a scratch copy of {info['model_dir']}, each config "
+        "reloaded through the repository API",
+        f"- load per trial: closed loop, concurrency {info['concurrency']}, {info['protocol']}, "
+        f"{info['warmup_s']:g} s warmup + {info['duration_s']:g} s measured, data: "
+        f"{info['data']}",
+        f"- search: {info['search']} over {info['space']} ({len(trials)} trials); objective: "
+        f"highest infer/s with p99 <= {budget:g} ms and no errors",
+        "",
+        table(trials, budget, chosen),
+        "",
+        verdict,
+        "",
+    ])
+
+
+def raw(info: Mapping[str, Any], trials: Sequence[Trial], chosen: Trial | None) -> dict[str, Any]:
+    def one(t: Trial) -> dict[str, Any]:
+        return {"max_batch_size": t.config.max_batch_size, "delay_us": t.config.delay_us,
+                "instances": t.config.instances, "threads": t.config.threads,
+                "infer_per_s": round(t.throughput, 2),
+                "p50_ms": None if t.p50_ms != t.p50_ms else round(t.p50_ms, 4),
+                "p99_ms": None if t.p99_ms != t.p99_ms else round(t.p99_ms, 4),
+                "errors": t.errors, "failure": t.failure, "best": t is chosen}
+
+    return {**info, "trials": [one(t) for t in trials]}
+
+
+def plot(path: Path, trials: Sequence[Trial], budget_ms: float, chosen: Trial | None,
+         title: str) -> bool:
+    """Each measured trial at (throughput, p99), labelled, the budget as a line, the best
+    ringed."""
+    plt = _pyplot()
+    measured = [t for t in trials if not t.failure and t.p99_ms == t.p99_ms]
+    if plt is None or not measured:
+        return False
+    fig, ax = plt.subplots(figsize=(8, 5), dpi=110)
+    colors = ["#228833" if t.within(budget_ms) else "#aa3377" for t in measured]
+    ax.scatter([t.throughput for t in measured], [t.p99_ms for t in measured], c=colors)
+    for t in measured:
+        ax.annotate(t.config.label, (t.throughput, t.p99_ms), fontsize=7,
+                    textcoords="offset points", xytext=(3, 3))
+    if chosen is not None:
+        ax.plot([chosen.throughput], [chosen.p99_ms], marker="o", markersize=14,
+                fillstyle="none", color="#228833", label=f"best: {chosen.config.label}")
+    ax.axhline(budget_ms, color="#cc3311", linestyle="--", label=f"p99 budget {budget_ms:g} ms")
+    ax.set_xlabel("throughput (infer/s)")
+    ax.set_ylabel("p99 latency (ms)")
+    ax.set_yscale("log")
+    from matplotlib.ticker import ScalarFormatter
+
+    ax.yaxis.set_major_formatter(ScalarFormatter())
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return True
+
+
+def write(out: Path, info: Mapping[str, Any], trials: Sequence[Trial], chosen: Trial | None,
+          config_text: str | None) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / REPORT).write_text(markdown(info, trials, chosen))
+    (out / RAW).write_text(json.dumps(raw(info, trials, chosen), indent=1))
+    written = [out / REPORT, out / RAW]
+    if plot(out / PLOT, trials, float(info["p99_ms"]), chosen,
+            f"{info['model']}: throughput vs p99 per config"):
+        written.append(out / PLOT)
+    if config_text is not None:
+        (out / CONFIG).write_text(config_text)
+        written.append(out / CONFIG)
+    return written

@@ -4,7 +4,8 @@ recall target, measured against exact search, and write them as a new model vers
     tachyon index tune --repository REPO --model NAME --queries Q.npy --recall 0.95
         [--holdout H.npy] [--k 10] [--vectors V.npy [--ids I.npy]]
         [--factories "IVF1024,Flat;IVF1024,PQ32;IVF1024,SQ8"] [--optimize qps|memory]
-        [--batch 32] [--threads N] [--sigmas 2] [--from-version N]
+        [--train-size N] [--batch 32] [--threads N] [--sigmas 2] [--measure-s 0.25]
+        [--from-version N]
 
 The served index (the latest version unless --from-version) is swept on half of the queries
 (the tuning half; --holdout gives a separate held-out set instead), its smallest setting that
@@ -49,6 +50,7 @@ class TuneOptions:
     sigmas: float = 2.0
     seed: int = 0
     measure_s: float = index_sweep.MEASURE_S  # seconds of searching per measured point
+    train_size: int | None = None  # vectors each --factories index trains on (None: as build)
 
 
 @dataclass(slots=True)
@@ -159,14 +161,15 @@ def _ground_truth_vectors(source: Source, vectors_path: Path | None,
 
 
 def _build_factories(factories: tuple[str, ...], ids: Array, vectors: Array, metric: str,
-                     progress: bool) -> list[Candidate]:
+                     train_size: int | None, progress: bool) -> list[Candidate]:
     built = []
     row_ids = np.array_equal(ids, np.arange(len(ids)))
     for factory in factories:
         _say(progress, f"building {factory} over {len(vectors):,} vectors ...")
         try:
             index = index_build.make_index(factory, vectors.shape[1], metric)
-            index = index_build.train_and_add(index, vectors, None if row_ids else ids)
+            index = index_build.train_and_add(index, vectors, None if row_ids else ids,
+                                              train_size)
         except index_build.BuildError as exc:
             raise TuneError(str(exc).replace("--factory", "--factories")) from None
         built.append(index_sweep.candidate(factory, index))
@@ -222,7 +225,8 @@ def tune(repository: Path, model: str, queries_path: Path, options: TuneOptions,
     exact_tuning = index_sweep.exact_neighbours(ids, vectors, metric, tuning, k)
     exact_held = index_sweep.exact_neighbours(ids, vectors, metric, held, k)
     candidates = [index_sweep.candidate(f"served v{source.version}", index)]
-    candidates += _build_factories(options.factories, ids, vectors, metric, progress)
+    candidates += _build_factories(options.factories, ids, vectors, metric, options.train_size,
+                                   progress)
     how = index_sweep.Settings(k, options.recall, options.sigmas, options.batch, threads,
                                options.measure_s)
     for c in candidates:
@@ -325,6 +329,8 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("--factories", type=_factories, default=(), metavar='"F1;F2;..."',
                    help='also build these index_factory strings from --vectors and compare them, '
                    'e.g. "IVF1024,Flat;IVF1024,PQ32;IVF1024,SQ8;IVF1024,SQfp16"')
+    p.add_argument("--train-size", type=int, default=None, metavar="N",
+                   help="vectors each --factories index trains on (default: as `index build`)")
     p.add_argument("--optimize", choices=OPTIMIZE, default="qps",
                    help="among candidates meeting the recall: the fastest (qps) or the smallest "
                    "(memory)")
@@ -346,7 +352,8 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 def run(args: argparse.Namespace) -> int:
     """`tachyon index tune`: 0 written, 1 recall not met or a failed write, 2 bad input."""
     options = TuneOptions(args.recall, args.k, args.factories, args.optimize, args.batch,
-                          args.threads, args.sigmas, measure_s=args.measure_s)
+                          args.threads, args.sigmas, measure_s=args.measure_s,
+                          train_size=args.train_size)
     try:
         result = tune(args.repository, args.model, args.queries, options,
                       holdout_path=args.holdout, vectors_path=args.vectors, ids_path=args.ids,

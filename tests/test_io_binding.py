@@ -181,6 +181,7 @@ def test_a_server_with_bound_models_answers_concurrent_grpc_clients(
     (repo / "add_sub" / "config.pbtxt").write_text(
         'name: "add_sub"\nmax_batch_size: 16\ndynamic_batching { max_queue_delay_microseconds: '
         '2000 }\nparameters { key: "io_binding" value: { string_value: "true" } }\n'
+        "instance_group [ { kind: KIND_CPU } ]\n"
     )
     server = start_server(repo)
     client = grpcclient.InferenceServerClient(server.grpc_url)

@@ -186,12 +186,15 @@ def make_digits(model_dir: Path) -> None:
     assert abs(ort_acc - sk_acc) < 1e-9, (ort_acc, sk_acc)
     assert np.allclose(proba.sum(axis=1), 1.0, atol=1e-4)
 
+    # version_policy all: version 2 is the int8 copy that `tachyon optimize` wrote (README,
+    # "Optimising models"); both are served, and a request without a version gets version 2.
     _write_config(
         model_dir,
         """
 name: "digits"
 platform: "onnxruntime_onnx"
 max_batch_size: 64
+version_policy: { all { } }
 input [
   { name: "INPUT" data_type: TYPE_FP32 dims: [ 64 ] }
 ]

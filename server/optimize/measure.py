@@ -46,6 +46,7 @@ class Agreement:
     """How one output of the target compares with the source's on the same rows."""
 
     output: str
+    kind: str  # the numpy dtype kind of the output: "f" float, "i" / "u" integer, "b" bool
     rule: str  # what "agree" means for this output
     agree: float  # fraction of rows that agree
     max_abs_diff: float
@@ -159,7 +160,12 @@ def _agreement(name: str, want: Array, got: Array) -> Agreement:
         rule = "equal"
         same = (flat_want == flat_got).all(axis=1)
     return Agreement(
-        name, rule, float(same.mean()), float(diff.max(initial=0.0)), float(diff.mean())
+        name,
+        want.dtype.kind,
+        rule,
+        float(same.mean()),
+        float(diff.max(initial=0.0)),
+        float(diff.mean()),
     )
 
 

@@ -46,9 +46,20 @@ def machine() -> str:
     import onnxruntime as ort
 
     return (
-        f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPUs, Python "
+        f"{platform.system()} {platform.machine()}{_cpu_model()}, {os.cpu_count()} CPUs, Python "
         f"{platform.python_version()}, ONNX Runtime {ort.__version__}, Tachyon {__version__}"
     )
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as info:
+            for line in info:
+                if line.startswith("model name"):
+                    return f" ({line.split(':', 1)[1].strip()})"
+    except OSError:
+        pass
+    return ""
 
 
 def raw(report: Report) -> dict[str, Any]:
@@ -93,12 +104,22 @@ def speedup(pair: tuple[Timing, Timing]) -> float:
     return source.median_s / target.median_s if target.median_s > 0 else float("inf")
 
 
+def _duration(seconds: float) -> str:
+    return f"{seconds * 1e6:.1f} µs" if seconds < 1e-3 else f"{seconds * 1e3:.2f} ms"
+
+
 def _ms(t: Timing) -> str:
-    return f"{t.median_s * 1e3:.3f} ms (p90 {t.p90_s * 1e3:.3f})"
+    return f"{_duration(t.median_s)} (p90 {_duration(t.p90_s)})"
 
 
 def _faster(ratio: float) -> str:
-    return f"{ratio:.2f}x ({'faster' if ratio >= 1 else 'slower'})"
+    if abs(ratio - 1) < 0.005:
+        return f"{ratio:.2f}x (the same)"
+    return f"{ratio:.2f}x ({'faster' if ratio > 1 else 'slower'})"
+
+
+def _diff(value: float, kind: str) -> str:
+    return f"{value:.4g}" if kind == "f" else "-"
 
 
 def markdown(report: Report, with_figure: bool = True) -> str:
@@ -151,8 +172,8 @@ def markdown(report: Report, with_figure: bool = True) -> str:
         "| output | rows that agree | rule | max abs diff | mean abs diff |",
         "| --- | --- | --- | --- | --- |",
         *(
-            f"| {a.output} | {a.agree:.2%} | {a.rule} | {a.max_abs_diff:.4g} | "
-            f"{a.mean_abs_diff:.4g} |"
+            f"| {a.output} | {a.agree:.2%} | {a.rule} | {_diff(a.max_abs_diff, a.kind)} | "
+            f"{_diff(a.mean_abs_diff, a.kind)} |"
             for a in c.agreement
         ),
         "",
@@ -177,8 +198,8 @@ def _write_figure(report: Report, path: Path) -> bool:
     names = [f"v{report.source_version}", f"v{report.version}\n{report.target}"]
     panels: list[tuple[str, list[float], str]] = [
         ("size on disk (KiB)", [s / 1024 for s in c.sizes], "{:.1f}"),
-        (f"latency, batch {c.latency[0].batch} (ms)", [t.median_s * 1e3 for t in c.latency],
-         "{:.3f}"),
+        (f"latency, batch {c.latency[0].batch} (µs)", [t.median_s * 1e6 for t in c.latency],
+         "{:,.1f}"),
         (f"throughput, batch {c.throughput[0].batch} (rows/s)",
          [t.rows_per_s for t in c.throughput], "{:,.0f}"),
     ]

@@ -81,7 +81,7 @@ def _spec(config: Any, model: str, version_dir: Path) -> tuple[ModelSpec, str]:
     if backend != "onnxruntime":
         kind = completed.platform or completed.backend or backend
         raise OptimizeError(
-            f"model '{model}' is a '{kind}' model, expected an ONNX model (platform "
+            f"model '{model}' has platform/backend '{kind}', expected an ONNX model (platform "
             "onnxruntime_onnx): optimize converts ONNX models only"
         )
     if not model_config.is_complete(completed):

@@ -95,7 +95,7 @@ class TensorRtBackend(Backend):
         self._profile = 0
         self._host_in: dict[str, HostBuffer] = {}
         self._host_out: dict[str, HostBuffer] = {}
-        self._device: dict[str, DeviceBuffer] = {}
+        self._device_buffers: dict[str, DeviceBuffer] = {}
         self._thread = threading.local()
         log.info(
             "model '%s' instance %d: TensorRT engine on GPU %d, %d profile(s) %s",
@@ -143,7 +143,7 @@ class TensorRtBackend(Backend):
         for name in outputs:
             host = hosts[name]
             _cudart.memcpy_async(
-                int(host.ctypes.data), self._device[name].pointer, host.nbytes,
+                int(host.ctypes.data), self._device_buffers[name].pointer, host.nbytes,
                 _cudart.DEVICE_TO_HOST, self._stream,
             )
         _cudart.stream_synchronize(self._stream)
@@ -158,7 +158,7 @@ class TensorRtBackend(Backend):
                 f"model '{self.spec.name}': input '{name}' shape {list(array.shape)} is outside "
                 f"the engine's optimization profile {self._profile}"
             )
-        device = self._device.setdefault(name, DeviceBuffer())
+        device = self._device_buffers.setdefault(name, DeviceBuffer())
         pointer = device.reserve(array.nbytes)
         _cudart.memcpy_async(
             pointer, int(array.ctypes.data), array.nbytes, _cudart.HOST_TO_DEVICE, self._stream
@@ -169,17 +169,19 @@ class TensorRtBackend(Backend):
         shape = tuple(int(d) for d in self._context.get_tensor_shape(tensor.name))
         dtype = tensor.datatype.numpy
         size = math.prod(shape) * dtype.itemsize
-        device = self._device.setdefault(tensor.name, DeviceBuffer())
+        device = self._device_buffers.setdefault(tensor.name, DeviceBuffer())
         self._context.set_tensor_address(tensor.name, device.reserve(size))
         return self._host(self._host_out, tensor.name).view(dtype, shape)
 
     def unload(self) -> None:
+        if "device" in self.__dict__:
+            _cudart.set_device(self.device)  # unload runs on a loader thread
         stream = self.__dict__.pop("_stream", None)
         if stream is not None:
             _cudart.stream_synchronize(stream)
             _cudart.stream_destroy(stream)
         self.__dict__.pop("_context", None)
         self.__dict__.pop("_engine", None)
-        for table in ("_host_in", "_host_out", "_device"):
+        for table in ("_host_in", "_host_out", "_device_buffers"):
             for buffer in self.__dict__.pop(table, {}).values():
                 buffer.release()

@@ -6,6 +6,7 @@ real ONNX models, in-process and through a real server."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import shutil
 import sys
 import threading
@@ -15,6 +16,9 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
+from server import gpus
+from server.backends import _cudart
+from server.backends.buffers import HostBuffer, pinned_memory_works
 from server.backends.onnxruntime import OnnxRuntimeBackend
 from server.batching import DynamicBatcher
 from server.model_config import ConfigError, ModelSpec, parse_config, to_spec
@@ -213,3 +217,30 @@ def test_a_server_with_bound_models_answers_concurrent_grpc_clients(
     assert int(stats["execution_count"]) < len(pairs)  # batches formed
     client.close()
     assert "model 'add_sub' instance 0 on CPUExecutionProvider with I/O binding" in server.log()
+
+
+def test_host_buffers_grow_and_know_their_own_views() -> None:
+    buffer = HostBuffer(pinned=False)
+    small = buffer.view(np.dtype(np.float32), (4, 3))
+    assert buffer.holds(small) and buffer.capacity == 48
+    large = buffer.view(np.dtype(np.int64), (100,))
+    assert buffer.capacity == 800 and buffer.holds(large)
+    assert not buffer.holds(np.zeros(3))
+    large[:] = 7
+    assert buffer.view(np.dtype(np.int64), (2,)).tolist() == [7, 7]  # same memory, no growth
+    buffer.release()
+    assert buffer.capacity == 0
+
+
+@pytest.mark.skipif(gpus.visible_gpus() > 0, reason="checks a host without a usable GPU")
+def test_without_a_usable_gpu_pinned_memory_is_declined_with_the_reason(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """No CUDA runtime, or one without a driver (this development VM has CUDA 13's runtime
+    and no GPU): either way a CudaError names the call, and I/O binding stays pageable."""
+    caplog.set_level(logging.INFO, logger="server.backends.buffers")
+    assert not pinned_memory_works(0)
+    assert "pinned host memory is not available" in caplog.text
+    if _cudart.available():
+        with pytest.raises(_cudart.CudaError, match=r"cudaSetDevice failed: .+ \(cudaError \d+\)"):
+            _cudart.set_device(0)

@@ -115,6 +115,17 @@ def stored_vectors(index: Any) -> tuple[Array, Array] | None:
     return ids, np.ascontiguousarray(vectors, dtype=np.float32)
 
 
+def added_ids(index: Any) -> Array | None:
+    """The ids of an IDMap in the order the vectors were added (None for other indexes, whose
+    ids, if any, are the rows of the vectors they were built from, or unknown)."""
+    faiss = import_faiss()
+    index = _inner(index)
+    if isinstance(index, faiss.IndexIDMap):
+        ids: Array = faiss.vector_to_array(index.id_map).astype(np.int64)
+        return ids
+    return None
+
+
 def _ivf_vectors(ivf: Any) -> tuple[Array, Array]:
     """Every (id, vector) of an IVF-Flat index, list by list (its codes are the raw floats)."""
     faiss = import_faiss()

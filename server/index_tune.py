@@ -149,8 +149,8 @@ def _ground_truth_vectors(source: Source, vectors_path: Path | None,
         if ids_path is not None:
             ids = index_build.load_ids(ids_path, len(vectors))
         else:
-            stored = index_sweep.stored_vectors(index)
-            ids = stored[0] if stored is not None and len(stored[0]) == len(vectors) \
+            added = index_sweep.added_ids(index)
+            ids = added if added is not None and len(added) == len(vectors) \
                 else np.arange(len(vectors), dtype=np.int64)
     except index_build.BuildError as exc:
         raise TuneError(str(exc)) from None

@@ -169,6 +169,8 @@ def test_factories_are_compared_and_memory_picks_the_smallest_that_meets(tmp_pat
     names = [c.name for c in result.candidates]
     assert names == ["served v1", "IVF32,SQ8", "IVF32,PQ4x4", "IVF32,SQfp16"]
     met = [c for c in result.candidates if c.met]
+    served = result.candidates[0]
+    assert served.met and served.holdout_recall is not None and served.holdout_recall >= 0.9
     assert result.chosen is min(met, key=lambda c: c.memory_bytes)
     assert result.chosen is not None and result.chosen.name == "IVF32,SQ8"
     pq = result.candidates[2]
@@ -178,6 +180,9 @@ def test_factories_are_compared_and_memory_picks_the_smallest_that_meets(tmp_pat
     assert raw["chosen"] == "IVF32,SQ8" and len(raw["candidates"]) == 4
     written = faiss.read_index(str(repo / "ivf" / "2" / "index.faiss"))
     assert "ScalarQuantizer" in type(faiss.downcast_index(written)).__name__
+    faiss.extract_index_ivf(written).nprobe = int(served_parameters(repo, "ivf")["nprobe"])
+    fresh = mixture(99, 300, dim, clusters)
+    assert fresh_recall(written, np.load(vectors), fresh, 10) >= 0.85  # ids are the rows
 
 
 # -- refused -----------------------------------------------------------------------------------

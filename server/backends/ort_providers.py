@@ -328,17 +328,11 @@ def plan_providers(
 def select_providers(
     available: Sequence[str], instance_kind: str, gpu_accelerators: Sequence[str]
 ) -> list[str]:
-    """The provider names alone, in priority order (a shorthand of `plan_providers`)."""
-    if instance_kind == "KIND_CPU":
-        return [CPU]
-    providers = []
-    if "tensorrt" in gpu_accelerators and TENSORRT in available and CUDA in available:
-        providers.append(TENSORRT)
-    if CUDA in available:
-        providers.append(CUDA)
-    if instance_kind == "KIND_GPU" and not providers:
-        raise ConfigError(
-            "instance_group kind KIND_GPU needs CUDAExecutionProvider, but ONNX Runtime offers "
-            f"only {', '.join(available)} (install the [gpu] extra)"
-        )
-    return [*providers, CPU]
+    """The provider names alone, in priority order, for a kind and accelerator names (a
+    shorthand of `plan_providers`)."""
+    spec = ModelSpec(
+        name="", backend="onnxruntime", max_batch_size=0, inputs=(), outputs=(),
+        model_filename="", instance_kind=instance_kind,
+        accelerators=tuple(Accelerator(name) for name in gpu_accelerators),
+    )
+    return plan_providers(spec, available, 0, Path()).names

@@ -132,7 +132,9 @@ class DataPlane:
         if not shared_memory.uses_shared_memory(request):
             return await self._infer(request)
         try:  # inputs are read from their regions; outputs' regions are held until written
-            memory = await shared_memory.admit(self.shared_memory, request)
+            memory = await shared_memory.admit(
+                self.shared_memory, request, self.settings.max_request_bytes
+            )
         except ServingError as exc:
             log.info("request to '%s' failed: %s", request.model_name, exc.message)
             if request.trace is not None:

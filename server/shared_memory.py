@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from server.errors import Code, ServingError, internal, invalid, not_found
+from server.errors import Code, ServingError, exhausted, internal, invalid, not_found
 from server.tensors import Buffer, element_count, from_raw, raw_view
 from server.types import (
     Array,
@@ -50,6 +50,8 @@ from server.types import (
 SHM_DIR = Path("/dev/shm")
 """Where Linux keeps POSIX shared memory objects (glibc's shm_open opens SHM_DIR / name)."""
 MAX_KEY_BYTES = 255  # NAME_MAX
+MAX_REGIONS = 1024
+"""Registered regions at most: each keeps a descriptor open (the server's are for clients)."""
 COPY_ON_LOOP_BYTES = 1 << 20
 """Tensors above this many bytes are copied to or from a region on a worker thread."""
 
@@ -172,6 +174,11 @@ class SharedMemoryRegistry:
                 Code.ALREADY_EXISTS,
                 f"shared memory region '{name}' already in manager: unregister it first, or "
                 "register the region under another name",
+            )
+        if len(self._regions) >= MAX_REGIONS:
+            raise exhausted(
+                f"cannot register shared memory region '{name}': {MAX_REGIONS} regions are "
+                "registered already, the most a server keeps; unregister some first"
             )
         path = self._dir / object_name(key)
         _check_integer("offset", offset)
@@ -385,11 +392,22 @@ def _write_all(writes: Sequence[tuple[Lease, Buffer]]) -> None:
         lease.write(data)
 
 
-async def admit(registry: SharedMemoryRegistry, request: InferRequest) -> RequestMemory:
-    """Reads every input that lives in a region into its own array, and leases the regions of
-    the outputs asked for in shared memory (released by the result's `close()`)."""
+async def admit(
+    registry: SharedMemoryRegistry, request: InferRequest, max_bytes: int
+) -> RequestMemory:
+    """Reads every input that lives in a region into its own array (`max_bytes` at most in
+    all, as for a request's tensors on the wire), and leases the regions of the outputs asked
+    for in shared memory (released by the result's `close()`)."""
+    read = 0
     for tensor in request.inputs:
         if tensor.shared_memory is not None:
+            read += tensor.shared_memory.byte_size
+            if read > max_bytes:
+                raise exhausted(
+                    f"input '{tensor.name}': the request's inputs in shared memory add up to "
+                    f"{read} bytes, more than the {max_bytes} bytes a request may carry "
+                    "(--max-request-bytes)"
+                )
             tensor.data = await _read_input(registry, tensor, tensor.shared_memory)
     leases: dict[str, Lease] = {}
     try:

@@ -225,3 +225,21 @@ def test_trt_build_without_tensorrt_says_which_extra(
     error = capsys.readouterr().err
     assert "needs the tensorrt extra: pip install tachyon-serve[tensorrt]" in error
     assert not (tmp_path / "m").exists()  # nothing written
+
+
+@pytest.mark.parametrize(
+    ("kind", "found"), [("KIND_CPU", "KIND_CPU"), ("KIND_GPU", "no visible GPU")]
+)
+def test_a_plan_needs_a_gpu_instance_on_a_gpu_host(tmp_path: Path, kind: str, found: str) -> None:
+    from server import gpus
+    from server.backends.tensorrt import TensorRtBackend
+
+    if kind == "KIND_GPU" and gpus.visible_gpus() > 0:
+        pytest.skip("checks a host without a GPU")
+    text = ("max_batch_size: 8 input [{ name: 'INPUT0' data_type: TYPE_FP32 dims: [784] }] "
+            "output [{ name: 'OUTPUT0' data_type: TYPE_FP32 dims: [10] }] "
+            f"instance_group [{{ kind: {kind} }}]")
+    backend = TensorRtBackend(to_spec(parse_config(text, "plan"), "tensorrt"), tmp_path, 0)
+    with pytest.raises(ConfigError, match=f"model 'plan': platform tensorrt_plan runs on a GPU, "
+                                          f"but the model has {found}, expected a GPU instance"):
+        backend.load()

@@ -81,9 +81,16 @@ class TensorRtBackend(Backend):
         complete_from_engine(config, describe(engine, trt, config.name))
 
     def load(self) -> None:
-        trt = import_tensorrt()
         spec = self.spec
-        self.device = device_of(spec, self.instance, gpus.visible_gpus())
+        visible = gpus.visible_gpus()
+        if spec.instance_kind == "KIND_CPU" or visible == 0:
+            found = "KIND_CPU" if spec.instance_kind == "KIND_CPU" else "no visible GPU"
+            raise ConfigError(
+                f"model '{spec.name}': platform tensorrt_plan runs on a GPU, but the model has "
+                f"{found}, expected a GPU instance (KIND_GPU or KIND_AUTO) on a GPU host"
+            )
+        trt = import_tensorrt()
+        self.device = device_of(spec, self.instance, visible)
         _cudart.set_device(self.device)
         self._engine = deserialize(trt, spec.name, self.version_dir / spec.model_filename)
         self._tensors = describe(self._engine, trt, spec.name)

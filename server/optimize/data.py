@@ -204,7 +204,7 @@ def generate(inputs: tuple[InputLayout, ...], rows: int = GENERATED_ROWS) -> Dat
         else:
             arrays[layout.name] = rng.integers(0, 10, shape).astype(dtype)
     origin = (
-        f"generated from the input specs: {rows} rows (seed {SEED}; floats standard normal, "
+        f"{rows} rows generated from the input specs (seed {SEED}; floats standard normal, "
         f"integers 0-9, variable dimensions {VARIABLE_DIM})"
     )
     return DataSet(arrays, None, rows, origin)

@@ -125,6 +125,7 @@ class GrpcFrontend:
         max_buffered_bytes: int = 0,
         max_connection_buffered_bytes: int = 0,
         keepalive: GrpcKeepalive = ...,
+        io_threads: int = 1,
     ) -> None:
         """Configure; nothing is opened until ``start()``. ValueError for a port outside
         0..65535, a zero ``max_message_bytes`` or a service name with a '/'. Calls to paths
@@ -143,6 +144,11 @@ class GrpcFrontend:
         certificate that chains to ``root_cert``. ValueError when a file does not load (naming
         it and OpenSSL's reason) or the arguments disagree (a key without a certificate,
         ``mutual`` without a root).
+
+        ``io_threads`` (1..64): I/O threads, each with its own listener on the port
+        (SO_REUSEPORT, so the kernel spreads the connections), epoll loop and connections;
+        ``take()`` drains them all, ``respond()`` routes each answer to its call's thread.
+        ``max_connections`` is shared out among them; each keeps the whole byte budget.
 
         Limits: ``reuse_port`` sets SO_REUSEPORT (other processes may bind the port too).
         Connections beyond ``max_connections`` (0: no limit) are closed at once with

@@ -23,6 +23,17 @@ from server.cache import CacheConfigError, parse_cache_config
 from server.config import GrpcConnections, ServerSettings
 
 
+def _io_threads(value: str) -> int:
+    """--grpc-io-threads: 1..64."""
+    try:
+        count = int(value)
+    except ValueError:
+        count = 0
+    if not 1 <= count <= 64:
+        raise argparse.ArgumentTypeError(f"expected 1..64 I/O threads, got '{value}'")
+    return count
+
+
 def _bool(value: str) -> bool:
     lowered = value.lower()
     if lowered in ("1", "true", "yes", "on"):
@@ -70,6 +81,10 @@ def _serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     p.add_argument("--grpc-frontend", choices=("native", "grpcio"), default=_default_frontend(),
                    help="gRPC transport: native (HTTP/2 on nghttp2 in a C++ I/O thread, about 2x "
                    "grpc.aio's throughput) or grpcio (grpc.aio)")
+    p.add_argument("--grpc-io-threads", type=_io_threads, default=1, metavar="N",
+                   help="native front end: N I/O threads (1..64), each with its own listener on "
+                   "the gRPC port (SO_REUSEPORT), so HTTP/2 and the native request path scale "
+                   "with cores")
     p.add_argument("--grpc-native-request-path", type=_bool, default=True, metavar="BOOL",
                    help="native front end: plain ModelInfer requests to fixed-size tensor models "
                    "are parsed, validated and coalesced in C++ (one Python step per batch); "
@@ -303,6 +318,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             metrics_latency_buckets=args.metrics_latency_buckets,
             grpc_frontend=args.grpc_frontend,
             grpc_native_request_path=args.grpc_native_request_path,
+            grpc_io_threads=args.grpc_io_threads,
             server_id=args.server_id,
             strict_readiness=args.strict_readiness,
             exit_on_error=args.exit_on_error,

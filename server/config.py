@@ -78,6 +78,9 @@ class ServerSettings:
     """gRPC transport: "native" (HTTP/2 on nghttp2 in a C++ I/O thread, server/grpc/
     native_frontend.py) or "grpcio" (grpc.aio)."""
     grpc_native_request_path: bool = True
+    grpc_io_threads: int = 1
+    """--grpc-io-threads: the native front end's I/O threads, each with its own SO_REUSEPORT
+    listener on the gRPC port."""
     """With the native front end: plain ModelInfer requests to fixed-size tensor models are
     parsed, validated and coalesced in C++ (server/grpc/native_path.py)."""
     strict_readiness: bool = True

@@ -449,3 +449,50 @@ def test_unload_and_load_while_requests_flow(
     with grpc.insecure_channel(server.grpc_url) as channel:
         assert call(channel.unary_unary(METHOD), message)[0] == "OK"
     assert counters(server)["requests"] == before + 1
+
+
+def listeners(port: int) -> int:
+    """Listening TCP sockets on `port` (IPv4), from /proc/net/tcp."""
+    with open("/proc/net/tcp") as table:
+        rows = [line.split() for line in table.readlines()[1:]]
+    return sum(1 for row in rows if row[3] == "0A" and int(row[1].split(":")[1], 16) == port)
+
+
+def test_io_threads_share_the_port_and_answer_every_connection(
+    repository: Path, start_server: ServerFactory
+) -> None:
+    """--grpc-io-threads 3: three listeners on the gRPC port; calls over many connections
+    (spread over the threads by the kernel) all get their own answers, plain and not."""
+    server = start_server(repository, "--grpc-io-threads", "3")
+    assert listeners(server.grpc_port) == 3
+    plain = plain_requests(8)
+    other = bad_requests()[:4]
+    with grpc.insecure_channel(server.grpc_url) as channel:  # the expected answers
+        expected = [call(channel.unary_unary(METHOD), m) for m in [*plain, *other]]
+    channels = [
+        grpc.insecure_channel(server.grpc_url, options=[("grpc.use_local_subchannel_pool", 1)])
+        for _ in range(12)
+    ]
+    try:
+        for channel in channels:
+            stub = channel.unary_unary(METHOD)
+            assert [call(stub, m) for m in [*plain, *other]] == expected
+    finally:
+        for channel in channels:
+            channel.close()
+    client = grpcclient.InferenceServerClient(server.grpc_url)
+    assert client.is_server_live()
+
+
+def test_io_threads_out_of_range_is_refused(repository: Path) -> None:
+    import subprocess
+
+    from tests.conftest import tachyon_command
+
+    result = subprocess.run(
+        [*tachyon_command(), "serve", "--model-repository", str(repository),
+         "--grpc-io-threads", "0"],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 2
+    assert "--grpc-io-threads: expected 1..64 I/O threads, got '0'" in result.stderr

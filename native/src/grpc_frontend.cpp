@@ -266,11 +266,14 @@ struct Credit {
 // is touched only by the I/O thread once start() has launched it.
 class GrpcFrontend::Loop {
  public:
-  explicit Loop(FrontendOptions options)
+  // `notify_fd`: the front end's eventfd, shared by its loops (GrpcFrontend::take resets it);
+  // call ids start at `first_call_id`, so that every loop's are distinct.
+  Loop(FrontendOptions options, int notify_fd, std::uint64_t first_call_id)
       : options_(std::move(options)),
-        notify_fd_(make_eventfd()),
+        notify_fd_(notify_fd),
         wake_fd_(make_eventfd()),
         budget_(budget_for(options_)) {
+    next_call_id_ = first_call_id;
     prefix_ = "/" + options_.service + "/";
     services_ = options_.service;
     for (const std::string& extra : options_.extra_services) {
@@ -288,12 +291,13 @@ class GrpcFrontend::Loop {
 
   // -- application thread ------------------------------------------------------------------
 
-  void start() {
+  // Binds `port` (0: any free one) and starts the I/O thread.
+  void start(int port) {
     std::lock_guard<std::mutex> control(control_mu_);
     if (thread_.joinable() || stopped_) {
       throw std::logic_error("GrpcFrontend.start() may be called once");
     }
-    listen();
+    listen(port);
     epoll_fd_.reset(::epoll_create1(EPOLL_CLOEXEC));
     if (!epoll_fd_) {
       throw std::system_error(errno, std::generic_category(), "epoll_create1");
@@ -305,7 +309,6 @@ class GrpcFrontend::Loop {
   }
 
   int port() const { return bound_port_ != 0 ? bound_port_ : options_.port; }
-  int notify_fd() const { return notify_fd_.get(); }
 
   void take(std::vector<ReadyItem>& out) {
     bool wake = false;
@@ -327,8 +330,6 @@ class GrpcFrontend::Loop {
         pending_wire_ = 0;
         wake = wake_on_take_ || taken_wire_ >= kWakeOnTakeBytes;
       }
-      // Reset under the lock that publish() signals under: readable exactly while items wait.
-      drain_eventfd(notify_fd_.get());
     }
     if (wake) {
       signal_eventfd(wake_fd_.get());
@@ -564,13 +565,13 @@ class GrpcFrontend::Loop {
  private:
   // -- setup -------------------------------------------------------------------------------
 
-  void listen() {
+  void listen(int bind_port) {
     addrinfo hints{};
     hints.ai_family = AF_UNSPEC;
     hints.ai_socktype = SOCK_STREAM;
     hints.ai_flags = AI_PASSIVE | AI_NUMERICSERV;
     addrinfo* found = nullptr;
-    const std::string port = std::to_string(options_.port);
+    const std::string port = std::to_string(bind_port);
     const char* host = options_.host.empty() ? nullptr : options_.host.c_str();
     const int rc = ::getaddrinfo(host, port.c_str(), &hints, &found);
     if (rc != 0) {
@@ -666,7 +667,7 @@ class GrpcFrontend::Loop {
     std::lock_guard<std::mutex> lock(mu_);
     failure_ = std::move(failure);
     if (!failure_.empty()) {
-      signal_eventfd(notify_fd_.get());
+      signal_eventfd(notify_fd_);
     }
     drained_ = true;
     drained_cv_.notify_all();
@@ -1241,7 +1242,7 @@ class GrpcFrontend::Loop {
     pending_wire_ += local_wire_;
     local_wire_ = 0;
     if (signal) {
-      signal_eventfd(notify_fd_.get());
+      signal_eventfd(notify_fd_);
     }
   }
 
@@ -1844,7 +1845,7 @@ class GrpcFrontend::Loop {
   std::unique_ptr<tls::ServerContext> tls_;  // null: cleartext HTTP/2
   std::string prefix_;    // "/<service>/"
   std::string services_;  // every service, for UNIMPLEMENTED's message
-  const UniqueFd notify_fd_;
+  const int notify_fd_;  // the front end's, shared by its loops
   const UniqueFd wake_fd_;
   UniqueFd epoll_fd_;
   UniqueFd listen_fd_;
@@ -1903,25 +1904,119 @@ class GrpcFrontend::Loop {
   Clock::time_point final_goaway_at_;
 };
 
-GrpcFrontend::GrpcFrontend(FrontendOptions options)
-    : loop_(std::make_unique<Loop>(std::move(options))) {}
+namespace {
+
+// A call id's top byte names its loop (GrpcFrontend::respond routes by it).
+constexpr int kLoopShift = 56;
+
+}  // namespace
+
+GrpcFrontend::GrpcFrontend(FrontendOptions options) : notify_fd_(make_eventfd()) {
+  const std::size_t count = std::max<std::size_t>(options.io_threads, 1);
+  if (count > kMaxIoThreads) {
+    throw std::invalid_argument("io_threads must be 1.." + std::to_string(kMaxIoThreads));
+  }
+  if (count > 1) {
+    options.reuse_port = true;  // one listener per loop on the same port
+    // The connection limit holds for the whole front end (shared out); each loop keeps the
+    // whole request byte budget, so that any message that fits one loop fits each.
+    if (options.max_connections != 0) {
+      options.max_connections = (options.max_connections + count - 1) / count;
+    }
+  }
+  for (std::size_t i = 0; i < count; ++i) {
+    loops_.push_back(std::make_unique<Loop>(options, notify_fd_.get(),
+                                            (static_cast<std::uint64_t>(i) << kLoopShift) + 1));
+  }
+}
 
 GrpcFrontend::~GrpcFrontend() = default;  // ~Loop stops without grace
 
-void GrpcFrontend::start() { loop_->start(); }
-int GrpcFrontend::port() const { return loop_->port(); }
-int GrpcFrontend::notify_fd() const { return loop_->notify_fd(); }
-void GrpcFrontend::take(std::vector<ReadyItem>& out) { loop_->take(out); }
-void GrpcFrontend::respond(std::vector<Response>&& responses) {
-  loop_->respond(std::move(responses));
+void GrpcFrontend::start() {
+  loops_[0]->start(loops_[0]->port());
+  const int port = loops_[0]->port();  // the port bound, also when 0 asked for any
+  for (std::size_t i = 1; i < loops_.size(); ++i) {
+    loops_[i]->start(port);
+  }
 }
-void GrpcFrontend::shutdown() { loop_->shutdown(); }
-void GrpcFrontend::stop(double grace_s) { loop_->stop(grace_s); }
-std::size_t GrpcFrontend::active_calls() const { return loop_->active_calls(); }
-std::string GrpcFrontend::failure() const { return loop_->failure(); }
-FrontendStats GrpcFrontend::stats() const { return loop_->stats(); }
+
+int GrpcFrontend::port() const { return loops_[0]->port(); }
+int GrpcFrontend::notify_fd() const { return notify_fd_.get(); }
+
+void GrpcFrontend::take(std::vector<ReadyItem>& out) {
+  // Reset first, then drain every loop: an item published after its loop was drained signals
+  // again, so the eventfd is readable whenever items wait (at worst once more than needed).
+  drain_eventfd(notify_fd_.get());
+  for (const auto& loop : loops_) {
+    loop->take(out);
+  }
+}
+
+void GrpcFrontend::respond(std::vector<Response>&& responses) {
+  if (loops_.size() == 1) {
+    loops_[0]->respond(std::move(responses));
+    return;
+  }
+  std::vector<std::vector<Response>> per_loop(loops_.size());
+  for (Response& r : responses) {
+    const std::size_t loop = static_cast<std::size_t>(r.call_id >> kLoopShift);
+    if (loop < loops_.size()) {  // else an unknown call: dropped, as a loop drops one
+      per_loop[loop].push_back(std::move(r));
+    }
+  }
+  for (std::size_t i = 0; i < loops_.size(); ++i) {
+    loops_[i]->respond(std::move(per_loop[i]));
+  }
+}
+
+void GrpcFrontend::shutdown() {
+  for (const auto& loop : loops_) {
+    loop->shutdown();
+  }
+}
+
+void GrpcFrontend::stop(double grace_s) {
+  shutdown();
+  const auto deadline = std::chrono::steady_clock::now() +
+                        std::chrono::duration<double>(grace_s > 0.0 ? std::min(grace_s, 86400.0)
+                                                                    : 0.0);
+  for (const auto& loop : loops_) {
+    const std::chrono::duration<double> left = deadline - std::chrono::steady_clock::now();
+    loop->stop(std::max(left.count(), 0.0));
+  }
+}
+
+std::size_t GrpcFrontend::active_calls() const {
+  std::size_t total = 0;
+  for (const auto& loop : loops_) {
+    total += loop->active_calls();
+  }
+  return total;
+}
+
+std::string GrpcFrontend::failure() const {
+  for (const auto& loop : loops_) {
+    std::string failure = loop->failure();
+    if (!failure.empty()) {
+      return failure;
+    }
+  }
+  return std::string();
+}
+
+FrontendStats GrpcFrontend::stats() const {
+  FrontendStats total;
+  for (const auto& loop : loops_) {
+    const FrontendStats s = loop->stats();
+    total.connections += s.connections;
+    total.paused_connections += s.paused_connections;
+    total.buffered_bytes += s.buffered_bytes;
+  }
+  return total;
+}
+
 void GrpcFrontend::inject_failure(std::string message) {
-  loop_->inject_failure(std::move(message));
+  loops_[0]->inject_failure(std::move(message));
 }
 
 }  // namespace tachyon::grpc

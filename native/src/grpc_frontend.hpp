@@ -17,6 +17,7 @@
 
 #include "keepalive.hpp"
 #include "tls.hpp"
+#include "unique_fd.hpp"
 
 namespace tachyon::grpc {
 
@@ -80,7 +81,13 @@ struct FrontendOptions {
   std::size_t max_buffered_bytes = 0;
   std::size_t max_connection_buffered_bytes = 0;
   KeepaliveOptions keepalive;
+  // I/O threads, each with its own listener on the port (SO_REUSEPORT: the kernel spreads the
+  // connections), epoll loop and connections; take() drains them all. max_connections is
+  // shared out among them; each keeps the whole request byte budget.
+  std::size_t io_threads = 1;
 };
+
+inline constexpr std::size_t kMaxIoThreads = 64;
 
 inline constexpr std::size_t kMaxMetadataEntries = 64;
 inline constexpr std::size_t kMaxMetadataBytes = 8192;
@@ -95,7 +102,8 @@ struct FrontendStats {
 class GrpcFrontend {
  public:
   // Creates the notification eventfd and, with TLS, loads the certificates (throws
-  // std::invalid_argument naming a file that does not load); opens no socket yet.
+  // std::invalid_argument naming a file that does not load, or io_threads out of range);
+  // opens no socket yet.
   explicit GrpcFrontend(FrontendOptions options);
   // Stops without grace (see stop()).
   ~GrpcFrontend();
@@ -149,7 +157,8 @@ class GrpcFrontend {
   class Loop;  // the I/O thread's state (grpc_frontend.cpp)
 
  private:
-  std::unique_ptr<Loop> loop_;
+  UniqueFd notify_fd_;  // declared first: the loops signal it until they are gone
+  std::vector<std::unique_ptr<Loop>> loops_;
 };
 
 }  // namespace tachyon::grpc

@@ -308,7 +308,7 @@ void register_grpc_frontend(nb::module_& m) {
              const std::string& server_key, const std::string& root_cert, bool mutual,
              double tls_handshake_timeout_s, bool reuse_port, std::size_t max_connections,
              std::size_t max_buffered_bytes, std::size_t max_connection_buffered_bytes,
-             const grpc::KeepaliveOptions& keepalive) {
+             const grpc::KeepaliveOptions& keepalive, std::size_t io_threads) {
             if (port < 0 || port > 65535) {
               throw nb::value_error(("port must be 0..65535, got " + std::to_string(port)).c_str());
             }
@@ -360,6 +360,12 @@ void register_grpc_frontend(nb::module_& m) {
             options.max_buffered_bytes = max_buffered_bytes;
             options.max_connection_buffered_bytes = max_connection_buffered_bytes;
             options.keepalive = keepalive;
+            if (io_threads < 1 || io_threads > grpc::kMaxIoThreads) {
+              throw nb::value_error(("io_threads must be 1.." +
+                                     std::to_string(grpc::kMaxIoThreads) + ", got " +
+                                     std::to_string(io_threads)).c_str());
+            }
+            options.io_threads = io_threads;
             // nanobind constructs bound objects in place, in storage it owns.
             new (self) GrpcFrontend(std::move(options));
           },
@@ -372,6 +378,7 @@ void register_grpc_frontend(nb::module_& m) {
           "tls_handshake_timeout_s"_a = 10.0, "reuse_port"_a = false,
           "max_connections"_a = 10000, "max_buffered_bytes"_a = 0,
           "max_connection_buffered_bytes"_a = 0, "keepalive"_a = grpc::KeepaliveOptions(),
+          "io_threads"_a = 1,
           "With server_cert and server_key (PEM files) the front end serves TLS 1.2+ and\n"
           "requires ALPN h2; with mutual, clients must present a certificate that chains to\n"
           "root_cert; a handshake not done within tls_handshake_timeout_s is disconnected.\n"
@@ -381,7 +388,9 @@ void register_grpc_frontend(nb::module_& m) {
           "closed with GOAWAY(ENHANCE_YOUR_CALM). Request bytes held for take(), in all and\n"
           "per connection, are bounded by max_buffered_bytes and\n"
           "max_connection_buffered_bytes (0: from max_message_bytes): beyond them a\n"
-          "connection is not read until take() drains. keepalive: a GrpcKeepalive.")
+          "connection is not read until take() drains. keepalive: a GrpcKeepalive.\n"
+          "io_threads: I/O threads, each with its own SO_REUSEPORT listener on the port;\n"
+          "take() drains them all.")
       .def(
           "start",
           [](GrpcFrontend& fe) {

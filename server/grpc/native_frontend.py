@@ -259,6 +259,7 @@ class NativeGrpcServer:
                 c.http2_max_pings_without_data, c.http2_min_recv_ping_interval_without_data_ms,
                 c.http2_max_ping_strikes,
             ),
+            io_threads=self._service.dataplane.settings.grpc_io_threads,
         )
         frontend.start()
         self._fe = frontend

@@ -151,7 +151,7 @@ def _agreement(name: str, want: Array, got: Array) -> Agreement:
     flat_got = got.reshape(rows, -1)
     diff = np.abs(flat_want.astype(np.float64) - flat_got.astype(np.float64))
     if want.dtype.kind == "f" and flat_want.shape[1] > 1:
-        rule = "same top-1 class (argmax)"
+        rule = "same argmax (top-1 class)"
         same = flat_want.argmax(axis=1) == flat_got.argmax(axis=1)
     elif want.dtype.kind == "f":
         rule = f"within rtol {FLOAT_RTOL:g}, atol {FLOAT_ATOL:g}"

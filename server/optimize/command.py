@@ -77,16 +77,7 @@ def optimize(request: Request) -> Result:
             f"--labels-key '{request.labels_key}' is also an input of model '{request.model}', "
             "expected another key for the labels"
         )
-    calibration: data.DataSet | None = None
-    notes: list[str] = []
-    if request.calibration is not None and target.needs_calibration:
-        calibration = data.load(request.calibration, layouts, "--calibration", None)
-    elif request.calibration is not None:
-        notes.append(f"--calibration is not used by --to {target.name}; ignored")
-    if request.validation is not None:
-        rows = data.load(request.validation, layouts, "--validation", request.labels_key)
-    else:
-        rows = data.generate(layouts)
+    calibration, rows, notes = _data(request, target, layouts)
     made_by = versions.made_by_optimize(source)
     if made_by:
         notes.append(
@@ -101,6 +92,23 @@ def optimize(request: Request) -> Result:
     finally:
         versions.discard(staging)  # gone already after a publish
     return _finish(request, source, number, version_dir, built, warnings)
+
+
+def _data(
+    request: Request, target: targets.Target, layouts: tuple[data.InputLayout, ...]
+) -> tuple[data.DataSet | None, data.DataSet, list[str]]:
+    """The calibration rows (when the target uses them), the rows to compare on, and notes."""
+    calibration = None
+    notes = []
+    if request.calibration is not None and target.needs_calibration:
+        calibration = data.load(request.calibration, layouts, "--calibration", None)
+    elif request.calibration is not None:
+        notes.append(f"--calibration is not used by --to {target.name}; ignored")
+    if request.validation is not None:
+        rows = data.load(request.validation, layouts, "--validation", request.labels_key)
+    else:
+        rows = data.generate(layouts)
+    return calibration, rows, notes
 
 
 def _build(
@@ -119,10 +127,11 @@ def _build(
             source.model_file, output, Path(scratch), calibration, source.spec.max_batch_size
         )
         steps = targets.convert(target, job)
-    threads = int(source.spec.parameters.get(THREADS_PARAMETER, "") or 1)
+    threads = source.spec.parameters.get(THREADS_PARAMETER, "")
     comparison = measure.compare(
         (source.model_file, output), rows, source.spec.max_batch_size,
-        request.label_output, request.timing_runs, threads, target.providers,
+        request.label_output, request.timing_runs, int(threads) if threads.isdigit() else 1,
+        target.providers,
     )
     return report.Report(
         request.model, source.version, number, target.name, tuple(steps), rows.origin,

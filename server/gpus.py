@@ -92,3 +92,14 @@ def process_gpu_memory(pid: int) -> int:
             if process.pid == pid and process.usedGpuMemory is not None:
                 total += int(process.usedGpuMemory)
     return total
+
+
+def device_memory_used() -> int:
+    """Bytes of GPU memory in use on every GPU, by anyone (NVML); 0 without NVML."""
+    lib = nvml()
+    if lib is None:
+        return 0
+    return sum(
+        int(lib.nvmlDeviceGetMemoryInfo(lib.nvmlDeviceGetHandleByIndex(i)).used)
+        for i in range(lib.nvmlDeviceGetCount())
+    )

@@ -4,12 +4,14 @@ any host. Also: a KIND_GPU ONNX model on a host without the CUDA EP fails its lo
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
 import onnxruntime as ort
 import pytest
 
+from server import gpus
 from server.backends.ort_providers import (
     CPU,
     CUDA,
@@ -103,6 +105,12 @@ def test_a_listed_gpu_that_is_not_visible_fails_the_load() -> None:
     with pytest.raises(ConfigError, match=r"lists GPU 3, but 2 GPU\(s\) are visible, "
                                           r"expected 0\.\.1"):
         device_of(spec, 1, 2)
+
+
+@pytest.mark.skipif(gpus.nvml() is not None, reason="checks a host without NVML")
+def test_without_nvml_there_is_no_gpu_and_no_gpu_memory() -> None:
+    assert gpus.visible_gpus() == 0
+    assert gpus.process_gpu_memory(os.getpid()) == 0 and gpus.device_memory_used() == 0
 
 
 def test_cuda_visible_devices_limits_what_a_process_sees() -> None:

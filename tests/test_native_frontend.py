@@ -37,7 +37,7 @@ from tests.conftest import (
     free_port,
 )
 from tests.test_e2e_batching import slow_identity
-from tests.test_e2e_infer import assert_outputs, cases, datatype_of
+from tests.test_e2e_infer import assert_outputs, cases, datatype_of, latest
 from tests.test_native_grpc import RawH2, grpc_frame
 
 pytestmark = pytest.mark.skipif(
@@ -117,7 +117,8 @@ def test_infer_sync(native: RunningServer, model: str, feed: dict[str, np.ndarra
     client = grpcclient.InferenceServerClient(native.grpc_url)
     result = client.infer(model, infer_inputs(grpcclient, feed), request_id="r-1")
     response = result.get_response()
-    assert (response.model_name, response.model_version, response.id) == (model, "1", "r-1")
+    assert (response.model_name, response.model_version, response.id) == (
+        model, latest(model), "r-1")
     assert_outputs(model, feed, result.as_numpy)
 
 
@@ -287,12 +288,12 @@ def test_unknown_model_is_not_found(native: RunningServer) -> None:
 def test_unimplemented_rpc_matches_grpc_aio(native: RunningServer, bundled: RunningServer) -> None:
     def send(url: str) -> InferenceServerException:
         client = grpcclient.InferenceServerClient(url)
-        return error_of(client.get_system_shared_memory_status)
+        return error_of(lambda: client.register_cuda_shared_memory("r", b"\0" * 64, 0, 64))
 
     error = send(native.grpc_url)
     assert error.status() == "StatusCode.UNIMPLEMENTED"
     assert error.message() == send(bundled.grpc_url).message()
-    assert "shared memory" in error.message()
+    assert "CUDA shared memory is not supported" in error.message()
 
 
 def test_unparsable_request_is_an_error(native: RunningServer) -> None:

@@ -16,7 +16,7 @@ import grpc
 from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection_pb2
 
-from server import proto, tracing
+from server import proto, shared_memory, tracing
 from server.config import GrpcConnections
 from server.dataplane import DataPlane
 from server.errors import Code, ServingError, invalid
@@ -27,7 +27,14 @@ from server.restricted import Restrictions
 from server.statistics import Duration, ModelStats
 from server.tensors import check_shape, from_contents, from_raw, raw_view, to_raw
 from server.tls import TlsSettings, grpc_credentials
-from server.types import DataType, InferInput, InferRequest, InferResponse, RequestedOutput
+from server.types import (
+    DataType,
+    InferInput,
+    InferRequest,
+    InferResponse,
+    RequestedOutput,
+    SharedMemoryRef,
+)
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +103,7 @@ def decode_infer_request(
     message: Any, raw_contents: list[memoryview] | None = None
 ) -> InferRequest:
     raw = message.raw_input_contents if raw_contents is None else raw_contents
+    refs = [_shared_memory(tensor, "input") for tensor in message.inputs]
     if raw:
         for tensor in message.inputs:
             if tensor.HasField("contents"):  # Triton's words for it
@@ -103,13 +111,15 @@ def decode_infer_request(
                     f"contents field must not be specified when using raw_input_contents for "
                     f"'{tensor.name}' for model '{message.model_name}'"
                 )
-    if raw and len(raw) != len(message.inputs):
+    in_memory = len(refs) - refs.count(None)  # inputs in shared memory have no raw entry
+    if raw and len(raw) != len(message.inputs) - in_memory:
         raise invalid(
-            f"raw_input_contents has {len(raw)} entries, expected {len(message.inputs)} "
-            "(one per input)"
+            f"raw_input_contents has {len(raw)} entries, expected "
+            f"{len(message.inputs) - in_memory} (one per input not in shared memory)"
         )
     inputs = []
-    for index, tensor in enumerate(message.inputs):
+    index = 0
+    for tensor, ref in zip(message.inputs, refs, strict=True):
         datatype = _DATATYPES.get(tensor.datatype)
         if datatype is None:
             raise invalid(
@@ -117,8 +127,17 @@ def decode_infer_request(
                 f"{', '.join(_DATATYPES)}"
             )
         shape = check_shape(tensor.name, tensor.shape)
+        if ref is not None:
+            if tensor.HasField("contents"):
+                raise invalid(
+                    f"input '{tensor.name}': 'contents' given for an input in shared memory "
+                    f"region '{ref.region}', expected one or the other"
+                )
+            inputs.append(shared_memory.shared_input(tensor.name, datatype, shape, ref))
+            continue
         if raw:
             data = from_raw(tensor.name, datatype, shape, raw[index])
+            index += 1
         else:
             data = from_contents(tensor.name, datatype, shape, tensor.contents)
         inputs.append(InferInput(tensor.name, datatype, shape, data))
@@ -132,11 +151,19 @@ def decode_infer_request(
     )
 
 
+def _shared_memory(tensor: Any, kind: str) -> SharedMemoryRef | None:
+    """The shared memory region a tensor's parameters name (None for most tensors)."""
+    if not tensor.parameters:
+        return None
+    return shared_memory.tensor_ref(f"{kind} '{tensor.name}'", _parameters(tensor.parameters))
+
+
 def _requested_output(output: Any) -> RequestedOutput:
     """A requested output; parameters["classification"] = N asks for the top N classes
-    (Triton's classification extension)."""
+    (Triton's classification extension); shared_memory_* parameters put it in a region."""
+    ref = _shared_memory(output, "output")
     if "classification" not in output.parameters:
-        return RequestedOutput(output.name)
+        return RequestedOutput(output.name, shared_memory=ref)
     value = output.parameters["classification"]
     kind = value.WhichOneof("parameter_choice")
     count = getattr(value, kind) if kind is not None else None
@@ -145,7 +172,7 @@ def _requested_output(output: Any) -> RequestedOutput:
             f"output '{output.name}': parameter 'classification' is {count!r}, expected a "
             "positive integer (int64_param): the number of top classes to return"
         )
-    return RequestedOutput(output.name, class_count=count)
+    return RequestedOutput(output.name, class_count=count, shared_memory=ref)
 
 
 def serialize_infer_response(response: InferResponse) -> bytes:
@@ -192,7 +219,10 @@ def encode_statistics(name: str, version: int, stats: ModelStats) -> Any:
         execution_count=stats.execution_count,
     )
     infer = message.inference_stats
-    for field in ("success", "fail", "queue", "compute_input", "compute_infer", "compute_output"):
+    for field in (
+        "success", "fail", "queue", "compute_input", "compute_infer", "compute_output",
+        "cache_hit", "cache_miss",
+    ):
         _duration(getattr(infer, field), getattr(stats, field))
     for size in sorted(stats.batches):
         batch = stats.batches[size]
@@ -299,6 +329,34 @@ class GrpcService:
         await self.dataplane.unload_model(request.model_name)
         return proto.RepositoryModelUnloadResponse()
 
+    async def SystemSharedMemoryStatus(self, request: Any, context: Any) -> Any:
+        message = proto.SystemSharedMemoryStatusResponse()
+        for region in self.dataplane.shared_memory.status(request.name):
+            message.regions[region.name].CopyFrom(
+                proto.SystemSharedMemoryStatusResponse.RegionStatus(
+                    name=region.name, key=region.key, offset=region.offset,
+                    byte_size=region.byte_size,
+                )
+            )
+        return message
+
+    async def SystemSharedMemoryRegister(self, request: Any, context: Any) -> Any:
+        self.dataplane.shared_memory.register(
+            request.name, request.key, request.offset, request.byte_size
+        )
+        return proto.SystemSharedMemoryRegisterResponse()
+
+    async def SystemSharedMemoryUnregister(self, request: Any, context: Any) -> Any:
+        self.dataplane.shared_memory.unregister(request.name)
+        return proto.SystemSharedMemoryUnregisterResponse()
+
+    async def CudaSharedMemoryStatus(self, request: Any, context: Any) -> Any:
+        shared_memory.cuda_status(request.name)  # none exist: empty, or NOT_FOUND by name
+        return proto.CudaSharedMemoryStatusResponse()
+
+    async def CudaSharedMemoryUnregister(self, request: Any, context: Any) -> Any:
+        return proto.CudaSharedMemoryUnregisterResponse()  # none exist (perf_analyzer asks)
+
     async def stream_answer(self, message: Any) -> Any:
         """The ModelStreamInferResponse to one request of a stream: the inference result, or
         its error in `error_message` (with the request's id), as in Triton."""
@@ -340,12 +398,7 @@ class GrpcService:
 
 
 UNIMPLEMENTED = {
-    "SystemSharedMemoryStatus": "system shared memory is not supported yet",
-    "SystemSharedMemoryRegister": "system shared memory is not supported yet",
-    "SystemSharedMemoryUnregister": "system shared memory is not supported yet",
-    "CudaSharedMemoryStatus": "CUDA shared memory is not supported",
-    "CudaSharedMemoryRegister": "CUDA shared memory is not supported",
-    "CudaSharedMemoryUnregister": "CUDA shared memory is not supported",
+    "CudaSharedMemoryRegister": shared_memory.CUDA_UNSUPPORTED,
     "TraceSetting": "tracing is not supported yet",
     "LogSettings": "log settings over gRPC are not supported yet",
 }

@@ -35,6 +35,7 @@ from server.http._codec import (
     encode_offloaded,
 )
 from server.http._protocol import HEAD_TIMEOUT, bounded_protocol
+from server.http._shared_memory import routes as shared_memory_routes
 from server.statistics import Duration, ModelStats
 from server.tracing import RequestTrace
 from server.types import InferResponse
@@ -106,7 +107,10 @@ def _duration(d: Duration) -> dict[str, int]:
 
 
 def statistics_json(name: str, version: int, stats: ModelStats) -> dict[str, Any]:
-    fields = ("success", "fail", "queue", "compute_input", "compute_infer", "compute_output")
+    fields = (
+        "success", "fail", "queue", "compute_input", "compute_infer", "compute_output",
+        "cache_hit", "cache_miss",
+    )
     return {
         "name": name,
         "version": str(version),
@@ -180,6 +184,7 @@ class HttpApp:
             Route("/v2/repository/index", self.index, methods=["POST", "GET"]),
             Route("/v2/repository/models/{model}/load", self.load, methods=["POST"]),
             Route("/v2/repository/models/{model}/unload", self.unload, methods=["POST"]),
+            *shared_memory_routes(lambda: self.dataplane.shared_memory, self._json_body),
         ]
         handlers = {
             ServingError: self._on_error,

@@ -25,6 +25,11 @@ MODELS = [
 ONNX_MODELS = ["add_sub", "digits", "identity_all", "identity_fp32", "string_upper"]
 
 
+def versions(model: str) -> list[str]:
+    """digits has two: version 2 is its int8 copy (tachyon optimize), served beside version 1."""
+    return ["1", "2"] if model == "digits" else ["1"]
+
+
 def test_health_both_transports(bundled: RunningServer) -> None:
     g = grpcclient.InferenceServerClient(bundled.grpc_url)
     h = httpclient.InferenceServerClient(bundled.http_url)
@@ -52,7 +57,7 @@ def test_model_metadata_matches_between_transports(bundled: RunningServer) -> No
         gm = g.get_model_metadata(model, as_json=True)
         hm = h.get_model_metadata(model)
         assert hm["name"] == gm["name"] == model
-        assert hm["versions"] == gm["versions"] == ["1"]
+        assert hm["versions"] == gm["versions"] == versions(model)
         assert hm["platform"] == gm["platform"]
         if model in ONNX_MODELS:
             assert hm["platform"] == "onnxruntime_onnx"
@@ -103,7 +108,7 @@ def test_statistics_count_requests(bundled: RunningServer) -> None:
     assert int(after["inference_stats"]["compute_infer"]["ns"]) > 0
     assert after_http["inference_stats"]["success"]["count"] == success
     everything = h.get_inference_statistics()["model_stats"]
-    assert sorted(s["name"] for s in everything) == MODELS
+    assert sorted(s["name"] for s in everything) == [m for m in MODELS for _ in versions(m)]
 
 
 def test_repository_index(bundled: RunningServer) -> None:
@@ -112,18 +117,20 @@ def test_repository_index(bundled: RunningServer) -> None:
     )
     h = httpclient.InferenceServerClient(bundled.http_url).get_model_repository_index()
     assert [(m["name"], m["version"], m["state"]) for m in g["models"]] == [
-        (name, "1", "READY") for name in MODELS
+        (name, version, "READY") for name in MODELS for version in versions(name)
     ]
-    assert [(m["name"], m["state"]) for m in h] == [(name, "READY") for name in MODELS]
+    assert [(m["name"], m["state"]) for m in h] == [
+        (name, "READY") for name in MODELS for _ in versions(name)
+    ]
 
 
 def test_unbuilt_rpcs_answer_unimplemented(bundled: RunningServer) -> None:
     with grpc.insecure_channel(bundled.grpc_url) as channel:
         stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
         with pytest.raises(grpc.RpcError) as info:
-            stub.SystemSharedMemoryStatus(service_pb2.SystemSharedMemoryStatusRequest())
+            stub.CudaSharedMemoryRegister(service_pb2.CudaSharedMemoryRegisterRequest())
         assert info.value.code() is grpc.StatusCode.UNIMPLEMENTED
-        assert "shared memory" in (info.value.details() or "")
+        assert "CUDA shared memory is not supported" in (info.value.details() or "")
 
 
 def test_stream_infer(bundled: RunningServer) -> None:

@@ -63,6 +63,7 @@ class Trial:
     p99_ms: float = float("nan")
     errors: int = 0
     failure: str = ""  # the config did not load, or the load failed
+    baseline: bool = False  # the model's own config, measured as it is
 
     def within(self, budget_ms: float) -> bool:
         return not self.failure and self.errors == 0 and self.p99_ms <= budget_ms
@@ -192,6 +193,15 @@ def candidate(base: Any, backend: str, trial: TrialConfig) -> Any:
     return config
 
 
+def current(base: Any, backend: str) -> TrialConfig:
+    """The settings the model's own config has (threads None when it sets none)."""
+    key = THREAD_KEYS.get(backend, "")
+    threads = base.parameters[key].string_value if key in base.parameters else ""
+    count = sum(g.count or 1 for g in base.instance_group) if len(base.instance_group) else 1
+    return TrialConfig(base.max_batch_size, base.dynamic_batching.max_queue_delay_microseconds,
+                       count, int(threads) if threads.isdigit() else None)
+
+
 def scratch_repository(model_dir: Path, folder: Path) -> Path:
     """`folder/<model>/` with the model's version folders linked (read, never written)."""
     target = folder / model_dir.name
@@ -270,9 +280,11 @@ class TrialRunner:
     def _write(self, config: Any) -> None:
         self._config_path.write_text(text_format.MessageToString(config), encoding="utf-8")
 
-    def measure(self, trial: TrialConfig) -> Trial:
+    def measure(self, trial: TrialConfig, as_is: bool = False) -> Trial:
+        """One trial: the base config with the trial's settings (`as_is`: the base config
+        unchanged, which `trial` then describes), reloaded and measured."""
         assert self._server is not None
-        self._write(candidate(self._base, self._backend, trial))
+        self._write(self._base if as_is else candidate(self._base, self._backend, trial))
         failure = reload(self._server.url("http"), self._model)
         if failure:
             return Trial(trial, failure=failure)

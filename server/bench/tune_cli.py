@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from dataclasses import dataclass
@@ -107,6 +108,8 @@ def _check(args: argparse.Namespace, model_dir: Path, backend: str) -> Request:
     for flag, number in (("--concurrency", args.concurrency), ("--max-trials", args.max_trials)):
         if number < 1:
             raise BenchError(f"{flag} {number} is invalid, expected a positive integer")
+    if args.input_data is not None and not args.input_data.is_file():
+        raise BenchError(f"--input-data {args.input_data} does not exist")
     if args.warmup_s < 0:
         raise BenchError(f"--warmup-s {args.warmup_s} is invalid, expected >= 0")
     shapes = []
@@ -143,7 +146,7 @@ def search(request: Request, base: Any, backend: str, out: Path,
     """Runs the trials with a progress bar naming the current config and the best so far."""
     from tqdm import tqdm
 
-    total = min(request.max_trials, request.space.size())
+    total = min(request.max_trials, request.space.size()) + 1  # + the model's own config
     bar = tqdm(total=total, unit="trial", desc="tune", file=sys.stderr, dynamic_ncols=True,
                disable=None if progress else True)
     done: list[Trial] = []
@@ -160,6 +163,10 @@ def search(request: Request, base: Any, backend: str, out: Path,
             bar.update(1)
             return trial
 
+        bar.set_description_str("tune: the model's own config")
+        done.append(dataclasses.replace(
+            runner.measure(tune.current(base, backend), as_is=True), baseline=True))
+        bar.update(1)
         try:
             if request.search == "brute":
                 tune.brute(request.space, measure, request.max_trials)
@@ -190,7 +197,9 @@ def run(args: argparse.Namespace) -> int:
     chosen = tune.best(trials, request.budget_ms)
     config_text = None
     written = "nothing"
-    if chosen is not None:
+    if chosen is not None and chosen.baseline:
+        written = "nothing (the model's own config is the best found)"
+    elif chosen is not None:
         config_text = text_format.MessageToString(tune.candidate(base, backend, chosen.config))
         written = _write_best(model_dir, config_text, args.output)
     info = _info(args, request, model_dir, written)
@@ -207,7 +216,7 @@ def run(args: argparse.Namespace) -> int:
               "--concurrency)", file=sys.stderr)
         return 1
     print(f"best: {chosen.config.label}: {chosen.throughput:,.1f} infer/s, p99 "
-          f"{chosen.p99_ms:.2f} ms -> {written}")
+          f"{chosen.p99_ms:.2f} ms{tune_report.versus_baseline(trials, chosen)} -> {written}")
     return 0
 
 

@@ -10,6 +10,7 @@ queries with `threads` OpenMP threads.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from dataclasses import dataclass, field
@@ -21,7 +22,7 @@ import numpy as np
 from server.backends.faiss import apply_search_parameters, import_faiss, index_kind, metric_name
 from server.types import Array
 
-MEASURE_S = 0.25  # each point searches the tuning queries for at least this long (default)
+MEASURE_S = 0.3  # each point searches the tuning queries for at least this long (default)
 EXTRA_POINTS = 2  # grid points measured past the chosen one, to show the curve beyond it
 MAX_EF_SEARCH = 4096
 
@@ -233,18 +234,23 @@ def memory_bytes(index: Any) -> int:
 def search_timed(
     index: Any, queries: Array, k: int, batch: int, threads: int, seconds: float = MEASURE_S
 ) -> tuple[Array, float]:
-    """The ids found for every query, and queries per second (repeating the whole set for at
-    least `seconds`)."""
+    """The ids found for every query, and queries per second: the median over passes of the
+    whole set (at least 3, and at least `seconds` in all)."""
     faiss = import_faiss()
     faiss.omp_set_num_threads(threads)
-    found, searched = None, 0
-    start = time.perf_counter()
-    while found is None or time.perf_counter() - start < seconds:
+    found: Array | None = None
+    rates: list[float] = []
+    spent = 0.0
+    while len(rates) < 3 or spent < seconds:
+        start = time.perf_counter()
         parts = [index.search(queries[i : i + batch], k)[1] for i in range(0, len(queries), batch)]
+        elapsed = time.perf_counter() - start
         if found is None:
             found = np.concatenate(parts)
-        searched += len(queries)
-    return found, searched / (time.perf_counter() - start)
+        rates.append(len(queries) / max(elapsed, 1e-9))
+        spent += elapsed
+    assert found is not None
+    return found, float(np.median(rates))
 
 
 @dataclass(frozen=True, slots=True)
@@ -290,6 +296,17 @@ def sweep(candidate: Candidate, queries: Array, exact: Array, how: Settings) -> 
                 break
     if candidate.chosen is not None and candidate.parameter is not None:
         apply_search_parameters(candidate.index, {candidate.parameter: candidate.chosen.value or 1})
+
+
+def remeasure(candidate: Candidate, queries: Array, how: Settings, factor: float = 3.0) -> None:
+    """Measure the chosen point's speed again, `factor` times as long (candidates are compared
+    on it, and one short sweep point is noisy on a shared machine)."""
+    if candidate.chosen is None:
+        return
+    _, qps = search_timed(candidate.index, queries, how.k, how.batch, how.threads,
+                          how.seconds * factor)
+    at = candidate.points.index(candidate.chosen)
+    candidate.chosen = candidate.points[at] = dataclasses.replace(candidate.chosen, qps=qps)
 
 
 def verify(candidate: Candidate, holdout: Array, exact: Array, k: int) -> None:

@@ -66,7 +66,8 @@ def markdown(info: Mapping[str, Any], candidates: Sequence[Candidate],
         f"- queries: {info['queries']}",
         f"- speed: in-process `index.search`, batches of {info['batch']} queries, "
         f"{info['threads']} OpenMP thread(s), at least {info['measure_s']:g} s a point; "
-        "memory: the serialized index",
+        "candidates meeting the recall are compared on their chosen point measured again, 3x as "
+        "long; memory: the serialized index",
         f"- objective: {info['optimize']}",
         "",
         table(candidates, target, chosen),

@@ -4,12 +4,13 @@
 - the bare grpc.aio echo server (../shared/bench/echo_server.py: a prebuilt response, no model);
 - Tachyon with the native front end, MLP (784-1024-1024-10, single-sample requests) and
   identity_fp32 (1x16), with the native request path (the default) and without it
-  (--grpc-native-request-path false, every request through Python as before);
+  (--grpc-native-request-path false, every request through Python as before), and with
+  the path and --grpc-io-threads 2 (--io-threads);
 
 each server driven by native clients at concurrency 64: h2load (Debian's nghttp2-client)
 replaying one prebuilt gRPC frame on 8 connections x 8 streams, and NVIDIA's perf_analyzer.
 
-    flock /tmp/tachyon-bench.lock python benchmarks/native_request_path.py [--seconds 5]
+    flock /tmp/tachyon-bench.lock python benchmarks/native_request_path.py [--rounds 3]
 
 Targets (issue 13): MLP served infer/s >= 0.5x in-process ORT at batch 32, >= 3x the echo
 server; identity >= 5x the echo server. h2load counts an HTTP 200 as a success even when the
@@ -133,12 +134,15 @@ def successes(http: int, model: str) -> int:
 
 
 def measure_tachyon(repo: Path, native: bool, bodies: dict[str, Path], seconds: float,
-                    ) -> dict[str, dict[str, float]]:
+                    io_threads: int = 1) -> dict[str, dict[str, float]]:
     http, grpc, metrics = free_port(), free_port(), free_port()
     flag = "true" if native else "false"
     points: dict[str, dict[str, float]] = {}
+    label = ("native" if native else "python") + (f", {io_threads} I/O threads"
+                                                  if io_threads > 1 else "")
     with Tachyon(repo, http, grpc, metrics, "--grpc-frontend", "native",
-                 "--grpc-native-request-path", flag, ready_model="mlp_fp32"):
+                 "--grpc-native-request-path", flag, "--grpc-io-threads", str(io_threads),
+                 ready_model="mlp_fp32"):
         for model, body in bodies.items():
             before = successes(http, model)
             point = h2load(grpc, body, seconds)
@@ -147,7 +151,7 @@ def measure_tachyon(repo: Path, native: bool, bodies: dict[str, Path], seconds: 
             point["grpc_errors"] = max(0.0, point["http_ok"] - served)
             point["perf_analyzer"] = perf_analyzer(grpc, model, seconds)
             points[model] = point
-            print(f"  tachyon {'native' if native else 'python'} path {model}: h2load "
+            print(f"  tachyon ({label}) {model}: h2load "
                   f"{point['infer_per_s']:,.0f} infer/s (gRPC errors {point['grpc_errors']:.0f}),"
                   f" perf_analyzer {point['perf_analyzer']:,.0f} infer/s", flush=True)
     return points
@@ -183,6 +187,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--io-threads", type=int, default=2,
+                        help="also measure the native path with this many I/O threads (1: not)")
     args = parser.parse_args()
     machine = print_header()
     for tool in ("h2load", str(PERF_ANALYZER)):
@@ -205,6 +211,9 @@ def main() -> None:
                 "native": measure_tachyon(repo, True, bodies, args.seconds),
                 "python": measure_tachyon(repo, False, bodies, args.seconds),
             })
+            if args.io_threads > 1:
+                rounds[-1]["native_io"] = measure_tachyon(repo, True, bodies, args.seconds,
+                                                          args.io_threads)
     report(rounds, machine, args)
 
 
@@ -216,12 +225,14 @@ def report(rounds: list[dict[str, Any]], machine: str, args: argparse.Namespace)
         echo = median(rounds, "echo", key)
         summary[f"echo_{client}"] = echo
         print(f"  {client}: echo {echo:,.0f} infer/s")
-        for path in ("native", "python"):
+        for path in ("native", "python", "native_io")[:3 if args.io_threads > 1 else 2]:
             mlp = median(rounds, path, "mlp_fp32", key)
             ident = median(rounds, path, "identity_fp32", key)
             summary[f"{path}_mlp_{client}"] = mlp
             summary[f"{path}_identity_{client}"] = ident
-            print(f"    {path} path: MLP {mlp:,.0f} infer/s = {mlp / ort:.2f}x ORT b32 "
+            name = f"native path, {args.io_threads} I/O threads" if path == "native_io" else (
+                f"{path} path")
+            print(f"    {name}: MLP {mlp:,.0f} infer/s = {mlp / ort:.2f}x ORT b32 "
                   f"(target 0.5), {mlp / echo:.2f}x echo (target 3); identity {ident:,.0f} "
                   f"infer/s = {ident / echo:.2f}x echo (target 5)")
         native, python = summary[f"native_mlp_{client}"], summary[f"python_mlp_{client}"]
@@ -231,7 +242,8 @@ def report(rounds: list[dict[str, Any]], machine: str, args: argparse.Namespace)
     out = ROOT / "benchmarks" / "results" / f"native-request-path-{stamp}.json"
     out.write_text(json.dumps({
         "command": " ".join([sys.executable, *sys.argv]), "machine": machine,
-        "concurrency": CONCURRENCY, "seconds": args.seconds, "rounds": rounds,
+        "concurrency": CONCURRENCY, "seconds": args.seconds, "io_threads": args.io_threads,
+        "rounds": rounds,
         "medians": summary,
     }, indent=2))
     print(f"raw results: {out.relative_to(ROOT)}")

@@ -46,11 +46,14 @@ Fallback = Callable[[int, bytes], None]
 class _Running:
     """One chunk on its way through the batcher."""
 
-    __slots__ = ("chunk", "request", "task")
+    __slots__ = ("call_ids", "chunk", "request", "task")
 
-    def __init__(self, chunk: _native.InferChunk, request: coalesced.CoalescedRequest) -> None:
+    def __init__(
+        self, chunk: _native.InferChunk, request: coalesced.CoalescedRequest, call_ids: list[int]
+    ) -> None:
         self.chunk = chunk
         self.request = request
+        self.call_ids = call_ids
         self.task: asyncio.Task[None] | None = None
 
 
@@ -81,7 +84,11 @@ class NativeRequestPath:
             self._register()
         items, chunks = self._router.take(self._fe)
         for chunk in chunks:
-            self._start(chunk)
+            try:
+                self._start(chunk)
+            except Exception as exc:  # never leave a call unanswered
+                log.exception("gRPC ModelInfer (native request path): a chunk did not start")
+                _native.InferRouter.fail(self._fe, chunk, INTERNAL, f"internal error: {exc}")
         return items
 
     def cancel(self, call_id: int) -> bool:
@@ -134,10 +141,10 @@ class NativeRequestPath:
             chunk.rows,
             chunk.count,
         )
-        running = _Running(chunk, request)
+        running = _Running(chunk, request, chunk.call_ids)
         running.task = self._loop.create_task(self._run(running))
         self._running.add(running)
-        self._calls.update(dict.fromkeys(chunk.call_ids, running))
+        self._calls.update(dict.fromkeys(running.call_ids, running))
 
     async def _run(self, running: _Running) -> None:
         chunk, request = running.chunk, running.request
@@ -152,6 +159,6 @@ class NativeRequestPath:
         finally:
             self._running.discard(running)
             calls = self._calls
-            for call_id in chunk.call_ids:
+            for call_id in running.call_ids:
                 if calls.get(call_id) is running:
                     del calls[call_id]

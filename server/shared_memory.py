@@ -363,7 +363,8 @@ class RequestMemory:
             lease = self._leases.get(output.name)
             if lease is None:
                 continue
-            data = raw_view(output.datatype, output.data)
+            # an empty array has no byte view to cast (numpy shapes with a 0)
+            data = raw_view(output.datatype, output.data) if output.data.size else b""
             if len(data) > lease.byte_size:
                 raise invalid(
                     f"output '{output.name}': {BYTE_SIZE} is {lease.byte_size}, expected at "

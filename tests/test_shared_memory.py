@@ -39,6 +39,7 @@ from server.shared_memory import (
 )
 from server.types import DataType, InferRequest, SharedMemoryRef
 from tests.conftest import BUNDLED, PERF_ANALYZER, RunningServer, ServerFactory
+from tests.test_e2e_infer import DTYPES, random_array
 
 with warnings.catch_warnings():  # tritonclient 2.41 imports the deprecated pkg_resources
     warnings.simplefilter("ignore", UserWarning)
@@ -393,6 +394,59 @@ def test_stream_infer_with_shared_memory(bundled: RunningServer, regions: Any) -
     np.testing.assert_array_equal(
         shm.get_contents_as_numpy(handle_out, np.float32, [1, 16]), fp32(1, 7)
     )
+
+
+def serialized(array: np.ndarray) -> bytes:
+    """A BYTES tensor's wire bytes (tritonclient gives an empty array for no element)."""
+    tensor = serialize_byte_tensor(array)
+    return bytes(tensor.item()) if tensor.size else b""
+
+
+@pytest.mark.parametrize("shape", [(3, 5), (1, 0)], ids=["3x5", "empty"])
+def test_every_datatype_in_shared_memory(
+    target: Any, regions: Any, shape: tuple[int, ...]
+) -> None:
+    """identity_all: its 13 inputs read from one region and its 13 outputs written to another,
+    at their own offsets (empty tensors too)."""
+    module, client = target
+    feed = {name: random_array(name, shape) for name in DTYPES}
+    raw = {n: serialized(a) if n == "BYTES" else a.tobytes() for n, a in feed.items()}
+    offsets, end = {}, 0
+    for name, data in raw.items():
+        offsets[name], end = end, end + (len(data) + 7) // 8 * 8
+    key_in, handle_in = regions(max(end, 8))
+    key_out, handle_out = regions(max(end, 8))
+    for name, array in feed.items():
+        value = serialize_byte_tensor(array) if name == "BYTES" else array
+        if len(raw[name]):
+            shm.set_shared_memory_region(handle_in, [value], offset=offsets[name])
+    tag = uuid.uuid4().hex[:8]
+    register(client, f"in-{tag}", key_in, max(end, 8))
+    register(client, f"out-{tag}", key_out, max(end, 8))
+    try:
+        inputs, outputs = [], []
+        for name in DTYPES:
+            tensor = module.InferInput(f"IN_{name}", list(shape), name)
+            tensor.set_shared_memory(f"in-{tag}", len(raw[name]), offsets[name])
+            inputs.append(tensor)
+            output = module.InferRequestedOutput(f"OUT_{name}")
+            output.set_shared_memory(f"out-{tag}", len(raw[name]), offsets[name])
+            outputs.append(output)
+        result = client.infer("identity_all", inputs, outputs=outputs)
+        for name, array in feed.items():
+            meta = result.get_output(f"OUT_{name}")
+            assert list(meta["shape"] if isinstance(meta, dict) else meta.shape) == list(shape)
+            if not array.size:
+                continue  # nothing to read (tritonclient divides by the element count)
+            got = shm.get_contents_as_numpy(handle_out, DTYPES[name], list(shape),
+                                            offset=offsets[name])
+            if name == "BYTES":
+                assert [bytes(x) for x in got.ravel()] == list(array.ravel())
+            else:
+                np.testing.assert_array_equal(got, array)
+    finally:
+        client.unregister_system_shared_memory(f"in-{tag}")
+        client.unregister_system_shared_memory(f"out-{tag}")
 
 
 def test_bad_shared_memory_requests_are_errors(target: Any, regions: Any) -> None:

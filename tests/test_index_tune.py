@@ -140,7 +140,7 @@ def test_a_polling_server_serves_the_new_version_with_the_chosen_nprobe(
 # -- other indexes ---------------------------------------------------------------------------
 
 
-def test_hnsw_gets_an_ef_search_and_fvecs_queries_work(tmp_path: Path) -> None:
+def test_hnsw_gets_an_ef_search_with_fvecs_queries_and_a_separate_holdout(tmp_path: Path) -> None:
     dim, clusters = 24, 100
     repo, _ = build(tmp_path, "hnsw", "HNSW8", 8000, dim, clusters, ef_search=10)
     data = mixture(3, 400, dim, clusters)
@@ -148,7 +148,10 @@ def test_hnsw_gets_an_ef_search_and_fvecs_queries_work(tmp_path: Path) -> None:
     rows = np.hstack([np.full((len(data), 1), dim, np.int32), data.view(np.int32)])
     rows.astype(np.int32).tofile(path)
     np.testing.assert_array_equal(read_fvecs(path), data)
-    result = index_tune.tune(repo, "hnsw", path, TuneOptions(recall=0.98, k=10, measure_s=FAST))
+    holdout = save_queries(tmp_path, 150, dim, clusters, seed=8)
+    result = index_tune.tune(repo, "hnsw", path, TuneOptions(recall=0.98, k=10, measure_s=FAST),
+                             holdout_path=holdout)
+    assert result.info["tuning_queries"] == 400 and result.info["holdout_queries"] == 150
     assert not result.failure, result.failure
     chosen = result.chosen
     assert chosen is not None and chosen.parameter == "efSearch" and chosen.chosen is not None

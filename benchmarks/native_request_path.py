@@ -127,10 +127,14 @@ def perf_analyzer(port: int, model: str, seconds: float) -> float:
     return float(found["rps"])
 
 
-def successes(http: int, model: str) -> int:
+def counters(http: int, model: str) -> dict[str, float]:
+    """The model's successes, rows, executions and ns spent in the backend (all batches)."""
     with urllib.request.urlopen(f"http://127.0.0.1:{http}/v2/models/{model}/stats") as r:
-        stats = json.load(r)["model_stats"][0]["inference_stats"]["success"]
-    return int(stats.get("count", 0))
+        stats = json.load(r)["model_stats"][0]
+    infer_ns = sum(int(b["compute_infer"].get("ns", 0)) for b in stats.get("batch_stats", []))
+    return {"success": int(stats["inference_stats"]["success"].get("count", 0)),
+            "rows": int(stats.get("inference_count", 0)),
+            "executions": int(stats.get("execution_count", 0)), "infer_ns": infer_ns}
 
 
 def measure_tachyon(repo: Path, native: bool, bodies: dict[str, Path], seconds: float,
@@ -144,15 +148,24 @@ def measure_tachyon(repo: Path, native: bool, bodies: dict[str, Path], seconds: 
                  "--grpc-native-request-path", flag, "--grpc-io-threads", str(io_threads),
                  ready_model="mlp_fp32"):
         for model, body in bodies.items():
-            before = successes(http, model)
+            before = counters(http, model)
+            started = time.perf_counter()
             point = h2load(grpc, body, seconds)
+            wall = time.perf_counter() - started
             time.sleep(0.5)  # the last answers' statistics
-            served = successes(http, model) - before
-            point["grpc_errors"] = max(0.0, point["http_ok"] - served)
+            after = counters(http, model)
+            delta = {k: after[k] - before[k] for k in after}
+            point["grpc_errors"] = max(0.0, point["http_ok"] - delta["success"])
+            # what limits: rows per batch, and how busy the model instance was (compute time
+            # over the h2load run's wall time, warm-up included)
+            point["mean_batch_rows"] = delta["rows"] / max(delta["executions"], 1)
+            point["instance_busy"] = delta["infer_ns"] / 1e9 / wall
             point["perf_analyzer"] = perf_analyzer(grpc, model, seconds)
             points[model] = point
             print(f"  tachyon ({label}) {model}: h2load "
-                  f"{point['infer_per_s']:,.0f} infer/s (gRPC errors {point['grpc_errors']:.0f}),"
+                  f"{point['infer_per_s']:,.0f} infer/s (gRPC errors {point['grpc_errors']:.0f}, "
+                  f"{point['mean_batch_rows']:.1f} rows a batch, instance busy "
+                  f"{point['instance_busy']:.0%}),"
                   f" perf_analyzer {point['perf_analyzer']:,.0f} infer/s", flush=True)
     return points
 

@@ -106,7 +106,11 @@ def test_native_tests_under_sanitizers(built: None) -> None:
     env["ASAN_OPTIONS"] = "detect_leaks=0:abort_on_error=1"
     env["UBSAN_OPTIONS"] = "print_stacktrace=1:halt_on_error=1"
     tests = ["tests/test_native.py", "tests/test_native_grpc.py", "tests/test_native_tls.py",
-             "tests/test_native_metadata.py"]
+             "tests/test_native_metadata.py",
+             *(f"tests/test_native_request_path.py::test_{name}" for name in (
+                 "reader_matches_reference_and_upb",
+                 "reader_on_damaged_messages_matches_reference",
+                 "writer_matches_reference_and_upb"))]
     proc = subprocess.run(
         [sys.executable, "-c", SANITIZED_PYTEST, str(module), *tests, "-q", "-p",
          "no:cacheprovider", "-o", "addopts=", "--timeout=300"],

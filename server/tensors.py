@@ -202,7 +202,11 @@ def raw_view(datatype: DataType, array: Array) -> bytes | memoryview:
     """`to_raw` without the copy where the array is already contiguous in its wire type."""
     if datatype is DataType.BYTES:
         return to_raw(datatype, array)
-    return np.ascontiguousarray(array, dtype=datatype.numpy).data.cast("B")
+    contiguous = np.ascontiguousarray(array, dtype=datatype.numpy)
+    if contiguous.size == 0:
+        # memoryview.cast("B") refuses a view with a zero in its shape
+        return b""
+    return contiguous.data.cast("B")
 
 
 def to_json(datatype: DataType, array: Array) -> list[Any]:

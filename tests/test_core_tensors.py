@@ -63,3 +63,12 @@ def test_empty_tensors_within_the_bound_still_decode() -> None:
     assert tensors.from_raw("IN", DataType.FP32, (0, 16), b"").shape == (0, 16)
     assert tensors.from_json("IN", DataType.INT32, (0, 3), []).shape == (0, 3)
     assert tensors.from_raw("IN", DataType.BYTES, (0,), b"").shape == (0,)
+
+
+@pytest.mark.parametrize("shape", [(0,), (3, 0), (0, 4, 2)])
+def test_raw_view_of_an_empty_tensor_is_empty_like_to_raw(shape: tuple[int, ...]) -> None:
+    import numpy as np
+
+    array = np.zeros(shape, dtype=np.float32)
+    assert bytes(tensors.raw_view(DataType.FP32, array)) == tensors.to_raw(DataType.FP32, array)
+    assert bytes(tensors.raw_view(DataType.FP32, array)) == b""

@@ -7,13 +7,14 @@ Every error names the model, the field, the value and what was expected.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from google.protobuf import json_format, text_format
 
-from server import proto
+from server import gpus, proto
 from server.types import DataType, TensorSpec
 
 CONFIG_FILE = "config.pbtxt"
@@ -89,9 +90,9 @@ class ModelSpec:
     gpu_accelerators: tuple[str, ...] = ()
     accelerators: tuple[Accelerator, ...] = ()  # the same entries, with their parameters
     graph_level: int = 0  # optimization.graph.level
-    # the GPUs of each instance, in instance order: (g,) for KIND_GPU with `gpus` listed (one
-    # instance per listed GPU and count), the whole list for KIND_MODEL, () when none is
-    # listed (a GPU instance then takes GPU `instance % visible GPUs`)
+    # the GPUs of each instance, in instance order: (g,) for KIND_GPU (`count` instances on
+    # each listed GPU, or on each visible one when none is listed), the whole list for
+    # KIND_MODEL, () otherwise (a GPU instance then takes GPU `instance % visible GPUs`)
     instance_gpus: tuple[tuple[int, ...], ...] = ()
     response_cache: bool = False  # response_cache.enable (server/cached_scheduler.py)
     # name -> spec, built once: every request looks its inputs and outputs up
@@ -340,10 +341,13 @@ def _unsupported(config: Any, backend: str) -> str:
     return ""
 
 
-def _instance_gpus(config: Any) -> tuple[tuple[int, ...], ...]:
+def _instance_gpus(
+    config: Any, visible_gpus: Callable[[], int]
+) -> tuple[tuple[int, ...], ...]:
     """The GPUs of every instance, as Triton places them: a KIND_GPU (or KIND_AUTO) group
-    with `gpus` has `count` instances on each listed GPU; a KIND_MODEL group has `count`
-    instances that each get the whole list (the backend decides, e.g. FAISS shards)."""
+    with `gpus` has `count` instances on each listed GPU, and a KIND_GPU group without them
+    `count` on each visible GPU; a KIND_MODEL group has `count` instances that each get the
+    whole list (the backend decides, e.g. FAISS shards)."""
     placements: list[tuple[int, ...]] = []
     for index, group in enumerate(config.instance_group):
         gpus = tuple(int(g) for g in group.gpus)
@@ -354,6 +358,8 @@ def _instance_gpus(config: Any) -> tuple[tuple[int, ...], ...]:
         if gpus and kind == "KIND_CPU":
             raise ConfigError(f"{where} is invalid for KIND_CPU, expected no gpus")
         count = max(int(group.count), 1)
+        if kind == "KIND_GPU" and not gpus:
+            gpus = tuple(range(visible_gpus()))  # none visible: the load error says why
         if kind == "KIND_MODEL" or not gpus:
             placements += [gpus] * count
         else:
@@ -388,8 +394,11 @@ def read_labels(config: Any, version_dir: Path) -> dict[str, tuple[str, ...]]:
     return labels
 
 
-def to_spec(config: Any, backend: str) -> ModelSpec:
-    """Validate a complete config and return its typed view."""
+def to_spec(
+    config: Any, backend: str, visible_gpus: Callable[[], int] = gpus.visible_gpus
+) -> ModelSpec:
+    """Validate a complete config and return its typed view. `visible_gpus` (asked only for a
+    KIND_GPU group that lists no GPUs) places instances on this host's GPUs."""
     name = config.name
     _check_response_cache(config)
     check_supported(config, backend)
@@ -407,7 +416,7 @@ def to_spec(config: Any, backend: str) -> ModelSpec:
     kind = "KIND_AUTO"
     if len(config.instance_group):
         kind = enum_name(config.instance_group[0], "kind")
-    instance_gpus = _instance_gpus(config)
+    instance_gpus = _instance_gpus(config, visible_gpus)
     batching = _dynamic_batching(config)
     accelerators = config.optimization.execution_accelerators.gpu_execution_accelerator
     if batching is not None and config.max_batch_size == 0:

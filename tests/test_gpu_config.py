@@ -74,8 +74,23 @@ def test_count_instances_on_each_listed_gpu_in_triton_order() -> None:
     assert spec.instance_count == 5
 
 
-def test_unlisted_gpus_go_in_turn_over_the_visible_ones() -> None:
-    spec = spec_of("instance_group [{ kind: KIND_GPU count: 3 }]")
+def test_unlisted_gpus_mean_count_instances_on_each_visible_gpu() -> None:
+    config = parse_config(BASE + "instance_group [{ kind: KIND_GPU count: 2 }]", "m")
+    spec = to_spec(config, "onnxruntime", visible_gpus=lambda: 3)
+    assert spec.instance_gpus == ((0,), (0,), (1,), (1,), (2,), (2,))
+    assert spec.instance_count == 6
+    devices = [options(spec, CUDA, i, visible=3)["device_id"] for i in range(6)]
+    assert devices == ["0", "0", "1", "1", "2", "2"]
+
+
+def test_without_a_visible_gpu_unlisted_instances_keep_their_count() -> None:
+    config = parse_config(BASE + "instance_group [{ kind: KIND_GPU count: 3 }]", "m")
+    spec = to_spec(config, "onnxruntime", visible_gpus=lambda: 0)
+    assert spec.instance_gpus == ((), (), ())
+
+
+def test_unlisted_auto_instances_go_in_turn_over_the_visible_gpus() -> None:
+    spec = spec_of("instance_group [{ kind: KIND_AUTO count: 3 }]")
     assert spec.instance_gpus == ((), (), ())
     assert [options(spec, CUDA, i, visible=2)["device_id"] for i in range(3)] == ["0", "1", "0"]
 

@@ -12,6 +12,7 @@ versions: the new version is served under the same config as the old ones.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -92,7 +93,11 @@ def _pre_process(job: ConvertJob) -> tuple[Path, str]:
         tries = []
     for options, said in tries:
         try:
-            quant_pre_process(str(job.source), str(prepared), **options)
+            # a failed symbolic inference saves "sym_shape_infer_temp.onnx" (and its external
+            # data) in the working folder: keep them in the scratch folder
+            source, target = job.source.resolve(), prepared.resolve()
+            with contextlib.chdir(job.scratch):
+                quant_pre_process(str(source), str(target), **options)
             return prepared, step.format(said)
         except Exception:  # "Incomplete symbolic shape inference" and the like
             continue

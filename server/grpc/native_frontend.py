@@ -11,6 +11,12 @@ Flow per event-loop iteration:
   reader on that eventfd) drains every waiting call with one `take()`; `take()` also resets the
   eventfd, under the same lock the I/O thread signals under, so `_on_ready` never reads it.
 - Each call runs as a task; ModelInfer's is created directly with no dispatch in between.
+  With the native request path (server/grpc/native_path.py, on unless
+  --grpc-native-request-path false, tracing or a restricted ModelInfer), `take()` goes through
+  an InferRouter: plain ModelInfer calls to fixed-size tensor models never become items here,
+  they arrive coalesced in chunks, one task per chunk, answered by C++.
+- With --grpc-io-threads N the C++ side runs N I/O threads (one listener each on the port);
+  `take()` drains them all through the one eventfd.
 - Finished answers are appended to a list, flushed with one `respond()` (and one
   `send_stream()` for stream messages) per loop iteration by a `call_soon` callback.
 

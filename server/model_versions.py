@@ -29,16 +29,25 @@ def versions(model_dir: Path) -> list[int]:
     """The model's numeric version folders, ascending."""
     if not model_dir.is_dir():
         return []
-    return sorted(
-        int(p.name) for p in model_dir.iterdir()
-        if p.is_dir() and p.name.isdigit() and int(p.name) > 0
-    )
+    return sorted(repository.version_dirs(model_dir))
 
 
 def write_text_atomically(path: Path, text: str) -> None:
+    """Replace `path` with `text` by a rename (a reader sees the old file or the new one)."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def move_into_place(staging: Path, target: Path) -> None:
+    """Rename a staged version folder to `target`; FileExistsError when `target` appeared
+    meanwhile (a version is never overwritten)."""
+    if target.exists():
+        raise FileExistsError(f"version folder {target} appeared while writing; run again")
+    staging.rename(target)
 
 
 def publish(
@@ -65,9 +74,7 @@ def publish(
             if old != config_text:
                 write_text_atomically(config_path, config_text)
         target = model_dir / str(number)
-        if target.exists():  # another writer took the number meanwhile
-            raise FileExistsError(f"version folder {target} appeared while writing; run again")
-        staging.rename(target)
+        move_into_place(staging, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return Published(number, target, config_path)

@@ -114,8 +114,11 @@ def test_output_writes_only_that_file(repo: Path, tmp_path: Path) -> None:
                   "--max-batch-size", "4", "--max-queue-delay-us", "100", "--instances", "2",
                   "--threads", "1", seconds=0.3)
     assert result.returncode == 0, result.stderr
+    trials = json.loads((tmp_path / "report" / "trials.json").read_text())["trials"]
+    (top,) = [t for t in trials if t["best"]]  # the candidate, or the model's own config
     parsed = model_config.parse_config(target.read_text(), MODEL)
-    assert parsed.max_batch_size == 4 and parsed.instance_group[0].count == 2
+    assert parsed.max_batch_size == top["max_batch_size"]
+    assert parsed.instance_group[0].count == top["instances"]
     assert sorted(p.name for p in (repo / MODEL).iterdir()) == ["1", "config.pbtxt"]
 
 

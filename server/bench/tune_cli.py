@@ -197,9 +197,9 @@ def run(args: argparse.Namespace) -> int:
     chosen = tune.best(trials, request.budget_ms)
     config_text = None
     written = "nothing"
-    if chosen is not None and chosen.baseline:
+    if chosen is not None and chosen.baseline and args.output is None:
         written = "nothing (the model's own config is the best found)"
-    elif chosen is not None:
+    elif chosen is not None:  # --output gets the best config even when it is the model's own
         config_text = text_format.MessageToString(tune.candidate(base, backend, chosen.config))
         written = _write_best(model_dir, config_text, args.output)
     info = _info(args, request, model_dir, written)

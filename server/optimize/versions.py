@@ -18,7 +18,7 @@ from typing import Any
 
 from google.protobuf import text_format
 
-from server import model_config, proto, repository
+from server import model_config, model_versions, proto, repository
 from server.model_config import ConfigError, ModelSpec
 from server.optimize.errors import FAILED, OptimizeError
 
@@ -126,13 +126,13 @@ def staging_dir(repo: Path, model: str) -> Path:
 def publish(staging: Path, model_dir: Path, version: int) -> Path:
     """Rename the staged version into place; refuses a version folder that appeared meanwhile."""
     final = model_dir / str(version)
-    if final.exists():
+    try:
+        model_versions.move_into_place(staging, final)
+    except FileExistsError:
         raise OptimizeError(
             f"model '{model_dir.name}' version {version} appeared in {model_dir} while optimize "
             "ran; nothing was written (run it again for the next version)"
-        )
-    try:
-        staging.rename(final)
+        ) from None
     except OSError as exc:
         raise OptimizeError(f"cannot move the new version to {final}: {exc}", FAILED) from None
     return final
@@ -171,11 +171,8 @@ def add_to_policy(source: Source, new_version: int) -> Path:
         raise OptimizeError("--update-policy applies to a 'specific' version_policy only")
     config.version_policy.specific.versions.append(new_version)
     path = source.model_dir / model_config.CONFIG_FILE
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        tmp.write_text(text_format.MessageToString(config), encoding="utf-8")
-        tmp.replace(path)
+        model_versions.write_text_atomically(path, text_format.MessageToString(config))
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         raise OptimizeError(f"cannot rewrite {path}: {exc}", FAILED) from None
     return path

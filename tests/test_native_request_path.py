@@ -496,3 +496,61 @@ def test_io_threads_out_of_range_is_refused(repository: Path) -> None:
     )
     assert result.returncode == 2
     assert "--grpc-io-threads: expected 1..64 I/O threads, got '0'" in result.stderr
+
+
+QUEUED_CONFIG = """
+name: "queued"
+platform: "onnxruntime_onnx"
+max_batch_size: 64
+input [ { name: "INPUT0" data_type: TYPE_FP32 dims: [ 16 ] } ]
+output [ { name: "OUTPUT0" data_type: TYPE_FP32 dims: [ 16 ] } ]
+instance_group [ { count: 1 kind: KIND_CPU } ]
+dynamic_batching { default_queue_policy { max_queue_size: 4 } }
+"""
+
+
+def test_queue_bound_counts_each_coalesced_request(
+    tmp_path: Path, start_server: ServerFactory
+) -> None:
+    """max_queue_size 4, the one instance busy: of 12 plain requests sent at once (taken
+    together, so coalesced) exactly 4 are queued and answered, 8 get today's RESOURCE_EXHAUSTED."""
+    from tests.test_e2e_batching import slow_identity
+
+    slow_identity(tmp_path / "queued" / "1" / "model.onnx", width=2048, layers=64)  # ~1 s
+    (tmp_path / "queued" / "config.pbtxt").write_text(QUEUED_CONFIG)
+    server = start_server(tmp_path)
+
+    def one(rows: int) -> bytes:
+        message = proto.ModelInferRequest(model_name="queued")
+        message.inputs.add(name="INPUT0", datatype="FP32", shape=[rows, 16])
+        message.raw_input_contents.append(np.ones((rows, 16), np.float32).tobytes())
+        data: bytes = message.SerializeToString()
+        return data
+
+    async def burst() -> list[Answer]:
+        async with grpc.aio.insecure_channel(server.grpc_url) as channel:
+            stub = channel.unary_unary(METHOD)
+            await stub(one(1), timeout=60)  # warm up
+
+            async def call_async(message: bytes) -> Answer:
+                try:
+                    return "OK", await stub(message, timeout=60)
+                except grpc.aio.AioRpcError as exc:
+                    return exc.code().name, exc.details() or ""
+
+            holder = asyncio.ensure_future(call_async(one(64)))
+            await asyncio.sleep(0.2)  # the holder runs on the one instance
+            answers = await asyncio.gather(*(call_async(one(1)) for _ in range(12)))
+            assert (await holder)[0] == "OK"
+            return answers
+
+    answers = asyncio.run(burst())
+    assert sum(code == "OK" for code, _ in answers) == 4, answers
+    full = "model 'queued': queue is full (4 requests, max_queue_size), retry later"
+    assert sorted(set(answers) - {a for a in answers if a[0] == "OK"}) == [
+        ("RESOURCE_EXHAUSTED", full)
+    ]
+    # a fresh server: the warm-up, the holder and the burst were all planned natively, and the
+    # calls that did not fit the queue were handed back to the Python path, which refused them
+    found = counters(server)
+    assert found["requests"] == 14 and found["fallbacks"] >= 8, found

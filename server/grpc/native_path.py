@@ -22,6 +22,7 @@ batcher's queue. A chunk partly cancelled still runs; answers to the gone calls 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Callable
 
@@ -46,7 +47,7 @@ Fallback = Callable[[int, bytes], None]
 class _Running:
     """One chunk on its way through the batcher."""
 
-    __slots__ = ("call_ids", "chunk", "request", "task")
+    __slots__ = ("call_ids", "chunk", "queued", "request", "task")
 
     def __init__(
         self, chunk: _native.InferChunk, request: coalesced.CoalescedRequest, call_ids: list[int]
@@ -54,6 +55,7 @@ class _Running:
         self.chunk = chunk
         self.request = request
         self.call_ids = call_ids
+        self.queued = False  # its task ran: the chunk went to the batcher
         self.task: asyncio.Task[None] | None = None
 
 
@@ -73,6 +75,9 @@ class NativeRequestPath:
         self._calls: dict[int, _Running] = {}
         self._running: set[_Running] = set()
         self._fallbacks = 0
+        # requests of chunks started but not yet queued (their task has not run), by token:
+        # counted against the queue bound, so that chunks of one take cannot overfill it
+        self._reserved: dict[int, int] = {}
         self._loop = asyncio.get_running_loop()
         metrics = dataplane.manager.metrics
         if metrics is not None:
@@ -129,7 +134,8 @@ class NativeRequestPath:
 
     def _start(self, chunk: _native.InferChunk) -> None:
         model = self._models.get(chunk.token)
-        if model is None or not coalesced.admits(model, chunk.count):
+        reserved = self._reserved.get(chunk.token, 0)
+        if model is None or not coalesced.admits(model, reserved + chunk.count):
             self._fallbacks += chunk.count
             for call_id, message in chunk.messages():
                 self._fallback(call_id, message)
@@ -142,12 +148,17 @@ class NativeRequestPath:
             chunk.count,
         )
         running = _Running(chunk, request, chunk.call_ids)
+        self._reserved[chunk.token] = reserved + chunk.count
         running.task = self._loop.create_task(self._run(running))
+        # also when the task is cancelled before it first runs (its body never does)
+        running.task.add_done_callback(functools.partial(self._done, running))
         self._running.add(running)
         self._calls.update(dict.fromkeys(running.call_ids, running))
 
     async def _run(self, running: _Running) -> None:
         chunk, request = running.chunk, running.request
+        running.queued = True  # queued in this same step, by coalesced.infer's submit
+        self._unreserve(chunk)
         try:
             outputs = await coalesced.infer(request)
             self._router.respond(self._fe, chunk, coalesced.wire_outputs(request.model, outputs))
@@ -156,9 +167,19 @@ class NativeRequestPath:
         except Exception as exc:
             log.exception("gRPC ModelInfer (native request path) failed")
             _native.InferRouter.fail(self._fe, chunk, INTERNAL, f"internal error: {exc}")
-        finally:
-            self._running.discard(running)
-            calls = self._calls
-            for call_id in running.call_ids:
-                if calls.get(call_id) is running:
-                    del calls[call_id]
+
+    def _done(self, running: _Running, task: asyncio.Task[None]) -> None:
+        self._running.discard(running)
+        if not running.queued:
+            self._unreserve(running.chunk)
+        calls = self._calls
+        for call_id in running.call_ids:
+            if calls.get(call_id) is running:
+                del calls[call_id]
+
+    def _unreserve(self, chunk: _native.InferChunk) -> None:
+        left = self._reserved.get(chunk.token, 0) - chunk.count
+        if left > 0:
+            self._reserved[chunk.token] = left
+        else:
+            self._reserved.pop(chunk.token, None)

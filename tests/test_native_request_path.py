@@ -228,17 +228,17 @@ def counters(server: RunningServer) -> dict[str, float]:
 def request(
     rows: int, width: int, types: list[str], outputs: list[str] | None = None,
     request_id: str = "", model: str = "plain_all", seed: int = 0, version: str = "",
-) -> proto.ModelInferRequest:
+) -> Any:
     """A request with every input (rows x width); `types` lists the inputs whose data is
     random (the others are zeros) so that messages differ."""
     rng = np.random.default_rng(seed)
     message = proto.ModelInferRequest(model_name=model, model_version=version, id=request_id)
     for t, (dtype, _) in TYPES.items():
         message.inputs.add(name=f"IN_{t}", datatype=t, shape=[rows, width])
-        if t in types:
-            data = rng.integers(0, 100, (rows, width)).astype(dtype)
-        else:
-            data = np.zeros((rows, width), dtype)
+        data: np.ndarray[Any, Any] = (
+            rng.integers(0, 100, (rows, width)).astype(dtype) if t in types
+            else np.zeros((rows, width), dtype)
+        )
         message.raw_input_contents.append(data.tobytes())
     for name in outputs or []:
         message.outputs.add(name=name)

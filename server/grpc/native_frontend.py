@@ -12,9 +12,9 @@ Flow per event-loop iteration:
   eventfd, under the same lock the I/O thread signals under, so `_on_ready` never reads it.
 - Each call runs as a task; ModelInfer's is created directly with no dispatch in between.
   With the native request path (server/grpc/native_path.py, on unless
-  --grpc-native-request-path false, tracing or a restricted ModelInfer), `take()` goes through
-  an InferRouter: plain ModelInfer calls to fixed-size tensor models never become items here,
-  they arrive coalesced in chunks, one task per chunk, answered by C++.
+  --grpc-native-request-path false, tracing, --log-verbose or a restricted ModelInfer), `take()`
+  goes through an InferRouter: plain ModelInfer calls to fixed-size tensor models never become
+  items here, they arrive coalesced in chunks, one task per chunk, answered by C++.
 - With --grpc-io-threads N the C++ side runs N I/O threads (one listener each on the port);
   `take()` drains them all through the one eventfd.
 - Finished answers are appended to a list, flushed with one `respond()` (and one
@@ -271,10 +271,12 @@ class NativeGrpcServer:
         self._fe = frontend
         self._loop = asyncio.get_running_loop()
         dataplane = self._service.dataplane
-        # tracing and a restricted ModelInfer need each request's headers: the Python path
+        # tracing and a restricted ModelInfer need each request's headers, and verbose logs
+        # (--log-verbose) a line per request: the Python path
         if (
             dataplane.settings.grpc_native_request_path and dataplane.tracer is None
             and "ModelInfer" not in self._restricted
+            and not logging.getLogger(DataPlane.__module__).isEnabledFor(logging.DEBUG)
         ):
             self._path = NativeRequestPath(dataplane, frontend, self._python_infer)
         self._loop.add_reader(frontend.fileno(), self._on_ready)

@@ -161,8 +161,6 @@ def plot_curve(path: Path, series: Mapping[str, Sequence[PointResult]], title: s
     plt = _pyplot()
     if plt is None:
         return False
-    from matplotlib.ticker import ScalarFormatter
-
     fig, ax = plt.subplots(figsize=(8, 5), dpi=110)
     for name, results in series.items():
         ok = [r for r in results if r.latencies_ns.size]
@@ -175,8 +173,16 @@ def plot_curve(path: Path, series: Mapping[str, Sequence[PointResult]], title: s
         for r in ok:
             ax.annotate(r.point.label, (r.throughput, r.latency_ms(99)), fontsize=7,
                         textcoords="offset points", xytext=(3, 4))
+    save_latency_plot(plt, fig, ax, path, title, "latency (ms)")
+    return True
+
+
+def save_latency_plot(plt: Any, fig: Any, ax: Any, path: Path, title: str, ylabel: str) -> None:
+    """Throughput on x, latency on a log y axis with plain numbers; saved and closed."""
+    from matplotlib.ticker import ScalarFormatter
+
     ax.set_xlabel("throughput (infer/s)")
-    ax.set_ylabel("latency (ms)")
+    ax.set_ylabel(ylabel)
     ax.set_yscale("log")
     ax.yaxis.set_major_formatter(ScalarFormatter())
     ax.set_title(title)
@@ -185,7 +191,6 @@ def plot_curve(path: Path, series: Mapping[str, Sequence[PointResult]], title: s
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
-    return True
 
 
 def plot_histogram(path: Path, result: PointResult, title: str) -> bool:

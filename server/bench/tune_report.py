@@ -9,7 +9,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from server.bench.report import _pyplot
+from server.bench.report import _pyplot, save_latency_plot
 from server.bench.tune import Trial
 
 REPORT = "report.md"
@@ -109,18 +109,7 @@ def plot(path: Path, trials: Sequence[Trial], budget_ms: float, chosen: Trial | 
         ax.plot([chosen.throughput], [chosen.p99_ms], marker="o", markersize=14,
                 fillstyle="none", color="#228833", label=f"best: {chosen.config.label}")
     ax.axhline(budget_ms, color="#cc3311", linestyle="--", label=f"p99 budget {budget_ms:g} ms")
-    ax.set_xlabel("throughput (infer/s)")
-    ax.set_ylabel("p99 latency (ms)")
-    ax.set_yscale("log")
-    from matplotlib.ticker import ScalarFormatter
-
-    ax.yaxis.set_major_formatter(ScalarFormatter())
-    ax.set_title(title)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    save_latency_plot(plt, fig, ax, path, title, "p99 latency (ms)")
     return True
 
 

@@ -11,7 +11,8 @@ takes the Python path, which keeps its messages, errors and features.
 
 Registration follows the model manager: whenever its `generation` moved (a version turned READY
 or began unloading), the qualifying versions are registered again, before the next take, so a
-chunk always names a version that serves. Should one not (or not fit in its queue), each of its
+chunk always names a version that serves. Should one not (or not fit in its queue) when the
+chunk starts, or when its task runs (a version may begin unloading in between), each of its
 calls takes the Python path with its original message.
 
 Cancellation: a call cancelled (client gone, grpc-timeout passed) counts as a cancelled request;
@@ -24,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import time
 from collections.abc import Callable
 
 import grpc
@@ -159,6 +161,11 @@ class NativeRequestPath:
         chunk, request = running.chunk, running.request
         running.queued = True  # queued in this same step, by coalesced.infer's submit
         self._unreserve(chunk)
+        if not coalesced.admits(request.model, request.count):
+            # the version began unloading (or its queue filled) since the take: the Python
+            # path picks the version that serves now, as it would have for these calls
+            self._send_back(running)
+            return
         try:
             outputs = await coalesced.infer(request)
             self._router.respond(self._fe, chunk, coalesced.wire_outputs(request.model, outputs))
@@ -167,6 +174,21 @@ class NativeRequestPath:
         except Exception as exc:
             log.exception("gRPC ModelInfer (native request path) failed")
             _native.InferRouter.fail(self._fe, chunk, INTERNAL, f"internal error: {exc}")
+
+    def _send_back(self, running: _Running) -> None:
+        """Each call still waiting takes the Python path; those cancelled count as such."""
+        live = {c for c in running.call_ids if self._calls.get(c) is running}
+        for call_id in live:
+            del self._calls[call_id]  # a cancellation now goes to the Python path's task
+        request = running.request
+        coalesced.record_failures(
+            request.model.entry.stats, time.monotonic_ns() - request.started_ns, "cancelled",
+            request.cancelled,
+        )
+        self._fallbacks += len(live)
+        for call_id, message in running.chunk.messages():
+            if call_id in live:
+                self._fallback(call_id, message)
 
     def _done(self, running: _Running, task: asyncio.Task[None]) -> None:
         self._running.discard(running)

@@ -24,19 +24,12 @@ from server.dataplane import _failure_reason
 from server.errors import ServingError
 from server.manager import ModelManager, ModelVersion
 from server.statistics import ModelStats
-from server.types import Array, DataType
+from server.types import Array, DataType, TensorSpec
 
 log = logging.getLogger(__name__)
 
 # Backends whose check_request looks at BYTES tensors only: a plain request needs no check.
 _CHECKS_BYTES_ONLY = frozenset({"onnxruntime"})
-
-
-@dataclass(frozen=True, slots=True)
-class Tensor:
-    name: str
-    datatype: DataType
-    dims: tuple[int, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,8 +40,8 @@ class PlainModel:
     entry: ModelVersion
     batcher: DynamicBatcher
     keys: tuple[str, ...]  # the model_version strings that reach it ("": the default)
-    inputs: tuple[Tensor, ...]
-    outputs: tuple[Tensor, ...]
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
     level: int
     timeout_us: int
     options: Options
@@ -69,10 +62,12 @@ class CoalescedRequest:
 
 def plain_model(entry: ModelVersion, token: int, keys: tuple[str, ...]) -> PlainModel | None:
     """`entry` as a PlainModel, or None when its requests must take DataPlane.infer."""
-    spec, batcher, config = entry.spec, entry.batcher, entry.config
+    spec, batcher = entry.spec, entry.batcher
     if spec is None or not entry.ready or not entry.backends:
         return None
-    if not isinstance(batcher, DynamicBatcher) or config is None or _stateful(config):
+    # a response-cache model's scheduler wraps its batcher (server/cached_scheduler.py);
+    # sequence batching and decoupled models are refused at load (model_config._unsupported)
+    if not isinstance(batcher, DynamicBatcher) or spec.response_cache:
         return None
     tensors = (*spec.inputs, *spec.outputs)
     if any(t.datatype is DataType.BYTES for t in tensors) or any(t.optional for t in spec.inputs):
@@ -88,21 +83,8 @@ def plain_model(entry: ModelVersion, token: int, keys: tuple[str, ...]) -> Plain
         return None
     return PlainModel(
         token, entry, batcher, keys,
-        tuple(Tensor(t.name, t.datatype, t.dims) for t in spec.inputs),
-        tuple(Tensor(t.name, t.datatype, t.dims) for t in spec.outputs),
+        spec.inputs, spec.outputs,
         level, timeout_us, options,
-    )
-
-
-def _stateful(config: object) -> bool:
-    """Response cache, sequence batching or a decoupled model: not coalesced."""
-    cache = getattr(config, "response_cache", None)
-    policy = getattr(config, "model_transaction_policy", None)
-    has_field = getattr(config, "HasField", None)
-    return bool(
-        (cache is not None and cache.enable)
-        or (policy is not None and policy.decoupled)
-        or (has_field is not None and has_field("sequence_batching"))
     )
 
 

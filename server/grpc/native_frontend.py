@@ -364,6 +364,17 @@ class NativeGrpcServer:
         self._done.append((call_id, message, status, text))
         self._schedule_flush()
 
+    def _fail(self, call_id: int, method: str, exc: Exception) -> None:
+        """Ends a call with its error's status: a refused request's or a ServingError's code,
+        anything else INTERNAL (logged with its traceback: call it from the except block)."""
+        if isinstance(exc, _BadRequest):
+            self._finish(call_id, None, exc.code, exc.text)
+        elif isinstance(exc, ServingError):
+            self._finish(call_id, None, CODES[exc.code], exc.message)
+        else:
+            log.exception("gRPC %s failed", method)
+            self._finish(call_id, None, INTERNAL, f"internal error: {exc}")
+
     def _send(self, call_id: int, message: bytes) -> None:
         self._stream_out.append((call_id, message))
         self._schedule_flush()
@@ -389,11 +400,8 @@ class NativeGrpcServer:
     async def _infer(self, call_id: int, message: bytes, metadata: Metadata | None) -> None:
         try:  # the call's kept headers stand for grpc.aio's context (tracing reads them)
             response = await self._model_infer(message, metadata)
-        except ServingError as exc:
-            self._finish(call_id, None, CODES[exc.code], exc.message)
         except Exception as exc:
-            log.exception("gRPC ModelInfer failed")
-            self._finish(call_id, None, INTERNAL, f"internal error: {exc}")
+            self._fail(call_id, "ModelInfer", exc)
         else:
             self._finish(call_id, response, OK, "")
 
@@ -423,11 +431,8 @@ class NativeGrpcServer:
         try:
             response = await handler(request, None)
             message = _serialized(response)
-        except ServingError as exc:
-            self._finish(call_id, None, CODES[exc.code], exc.message)
         except Exception as exc:
-            log.exception("gRPC %s failed", method)
-            self._finish(call_id, None, INTERNAL, f"internal error: {exc}")
+            self._fail(call_id, method, exc)
         else:
             self._finish(call_id, message, OK, "")
 
@@ -505,13 +510,8 @@ class NativeGrpcServer:
                 responses = entry.handler(await _single(requests, method), None)
             async for response in responses:
                 self._send(call_id, _serialized(response))
-        except _BadRequest as exc:
-            self._finish(call_id, None, exc.code, exc.text)
-        except ServingError as exc:
-            self._finish(call_id, None, CODES[exc.code], exc.message)
         except Exception as exc:
-            log.exception("gRPC %s failed", method)
-            self._finish(call_id, None, INTERNAL, f"internal error: {exc}")
+            self._fail(call_id, method, exc)
         else:
             self._finish(call_id, None, OK, "")
         finally:

@@ -1,20 +1,28 @@
 """The TensorRT backend's config and batching logic over engine descriptions (no engine is
-run here: `describe` reads these descriptions from a real engine in tests/test_gpu.py), and
-the plan builder's input checks. FAISS's GPU placement and limits, as pure functions."""
+run here: `describe` reads these descriptions from a real engine in tests/test_gpu.py), the
+plan builder's input checks and float16 graph, how a host without TensorRT or a GPU fails a
+plan's load (a real server, other models still served) and a build. FAISS's GPU placement and
+limits, as pure functions."""
 
 from __future__ import annotations
 
-import importlib.util
+import shutil
+import sys
+import threading
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
+from server.backends import _cudart
 from server.backends.faiss import GPU_MAX_K, GPU_MAX_NPROBE, gpu_devices, gpu_limit_reason
+from server.backends.tensorrt_api import ERROR, INFO, KEPT, WARNING, Recorder, use_device
 from server.backends.tensorrt_build import (
     BatchRange,
     BuildError,
     config_text,
+    float16_graph,
     next_version,
     onnx_inputs,
     profile_shapes,
@@ -30,7 +38,24 @@ from server.backends.tensorrt_engine import (
 from server.model_config import ConfigError, ModelSpec, parse_config, to_spec
 from server.types import DataType
 
-from .conftest import BUNDLED
+from .conftest import BUNDLED, ROOT, ServerFactory, repository_index
+
+
+def tensorrt_imports() -> bool:
+    """Whether `import tensorrt` works (the bindings without libnvinfer raise ImportError)."""
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def cuda_starts() -> bool:
+    try:
+        _cudart.set_device(0)
+    except _cudart.CudaError:
+        return False
+    return True
 
 
 def mlp_engine(*profiles: tuple[int, int, int]) -> list[IoTensor]:
@@ -210,8 +235,7 @@ def test_faiss_gpu_limits_are_named() -> None:
         f"parameters.nprobe 4096 is more than the GPU's limit {GPU_MAX_NPROBE}")
 
 
-@pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None,
-                    reason="checks the message without TensorRT")
+@pytest.mark.skipif(tensorrt_imports(), reason="checks the message without TensorRT")
 def test_trt_build_without_tensorrt_says_which_extra(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -243,3 +267,111 @@ def test_a_plan_needs_a_gpu_instance_on_a_gpu_host(tmp_path: Path, kind: str, fo
     with pytest.raises(ConfigError, match=f"model 'plan': platform tensorrt_plan runs on a GPU, "
                                           f"but the model has {found}, expected a GPU instance"):
         backend.load()
+
+
+# -- TensorRT and CUDA that do not start -----------------------------------------------------
+
+
+def test_tensorrts_errors_are_kept_per_thread_for_the_failed_calls_message() -> None:
+    recorder = Recorder()
+    recorder.record(INFO, "Loaded engine size: 3 MiB")  # neither kept nor logged
+    recorder.record(ERROR, "IRuntime::deserializeCudaEngine: Error Code 1: Serialization\n")
+    other: list[str] = []
+
+    def elsewhere() -> None:
+        recorder.record(WARNING, "elsewhere")
+        other.extend(recorder.take())
+
+    thread = threading.Thread(target=elsewhere)
+    thread.start()
+    thread.join()
+    assert other == ["elsewhere"]  # another loader thread's failure is not this one's
+    assert recorder.reason("no reason") == (
+        "IRuntime::deserializeCudaEngine: Error Code 1: Serialization")
+    assert recorder.reason("no reason") == "no reason"  # taken
+    for i in range(KEPT + 3):
+        recorder.record(WARNING, f"w{i}")
+    assert recorder.take() == [f"w{i}" for i in range(3, KEPT + 3)]
+
+
+@pytest.mark.skipif(not _cudart.available(), reason="needs the CUDA runtime library (libcudart)")
+@pytest.mark.skipif(cuda_starts(), reason="checks a host where CUDA does not start")
+def test_a_host_where_cuda_does_not_start_fails_with_cudas_reason() -> None:
+    with pytest.raises(ConfigError, match=r"^model 'plan': TensorRT needs a CUDA GPU, but "
+                                          r"cudaSetDevice failed: .+ \(cudaError \d+\)$"):
+        use_device("model 'plan'", 0)
+
+
+def test_the_float16_graph_keeps_float32_inputs_and_outputs(tmp_path: Path) -> None:
+    """What TensorRT 11 (strongly typed, no FP16 builder flag) builds FP16 kernels from."""
+    import onnx
+    import onnxruntime as ort
+
+    sys.path.insert(0, str(ROOT / "tools"))
+    from make_models import make_mlp
+
+    source = make_mlp(tmp_path / "mlp.onnx")
+    graph = float16_graph(source)
+    model = onnx.load_from_string(graph)
+    weights = {t.name: t.data_type for t in model.graph.initializer}
+    assert weights["W0"] == onnx.TensorProto.FLOAT16
+    fp32 = ort.InferenceSession(str(source), providers=["CPUExecutionProvider"])
+    fp16 = ort.InferenceSession(graph, providers=["CPUExecutionProvider"])
+    assert [(i.name, i.type) for i in fp16.get_inputs()] == [("INPUT0", "tensor(float)")]
+    assert [(o.name, o.type) for o in fp16.get_outputs()] == [("OUTPUT0", "tensor(float)")]
+    x = np.random.default_rng(5).standard_normal((16, 784), np.float32)
+    expected = fp32.run(None, {"INPUT0": x})[0]
+    got = fp16.run(None, {"INPUT0": x})[0]
+    assert np.abs(got - expected).max() < 2e-2 * np.abs(expected).max()
+    assert not np.array_equal(got, expected)  # float16 arithmetic did happen
+
+
+def test_trt_build_refuses_a_file_that_is_not_onnx(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from server.cli import main
+
+    bad = tmp_path / "model.onnx"
+    bad.write_bytes(b"\x0fnot a protobuf at all")
+    argv = ["trt", "build", "--onnx", str(bad), "--repository", str(tmp_path), "--model", "m"]
+    assert main(argv) == 2
+    assert f"tachyon: {bad} is not an ONNX model (" in capsys.readouterr().err
+    assert not (tmp_path / "m").exists()
+
+
+PLAN_IO = ("input [{ name: 'INPUT0' data_type: TYPE_FP32 dims: [16] }] "
+           "output [{ name: 'OUTPUT0' data_type: TYPE_FP32 dims: [16] }]")
+
+
+@pytest.mark.skipif(tensorrt_imports() and cuda_starts(), reason="checks a host without a GPU")
+def test_plans_that_cannot_load_here_are_unavailable_with_the_reason_and_others_serve(
+    tmp_path: Path, start_server: ServerFactory
+) -> None:
+    import tritonclient.grpc as grpcclient
+
+    repo = tmp_path / "repo"
+    shutil.copytree(BUNDLED / "add_sub", repo / "add_sub")
+    for name, config in (("listed", f"max_batch_size: 8 {PLAN_IO}"), ("completed", "")):
+        (repo / name / "1").mkdir(parents=True)
+        (repo / name / "1" / "model.plan").write_bytes(b"not an engine")
+        (repo / name / "config.pbtxt").write_text(
+            f'name: "{name}" platform: "tensorrt_plan" {config}')
+    server = start_server(repo, "--exit-on-error", "false")
+    index = repository_index(server)
+    listed, completed = index[("listed", "1")], index[("completed", "1")]
+    assert (listed["state"], completed["state"]) == ("UNAVAILABLE", "UNAVAILABLE")
+    # config complete: the load stops at the GPU check
+    assert listed["reason"].startswith("model 'listed': platform tensorrt_plan runs on a GPU, "
+                                       "but the model has no visible GPU")
+    # config to complete from the engine: TensorRT's import or CUDA says why
+    assert completed["reason"].startswith((
+        "model 'completed' (platform tensorrt_plan) needs the tensorrt extra: pip install "
+        "tachyon-serve[tensorrt] (", "model 'completed': TensorRT needs a CUDA GPU, but "))
+    client = grpcclient.InferenceServerClient(server.grpc_url)
+    x = np.arange(16, dtype=np.float32).reshape(1, 16)
+    inputs = [grpcclient.InferInput(n, [1, 16], "FP32") for n in ("INPUT0", "INPUT1")]
+    for tensor in inputs:
+        tensor.set_data_from_numpy(x)
+    result = client.infer("add_sub", inputs)
+    np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), x + x)
+    client.close()

@@ -18,11 +18,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from server import extras, gpus
+from server import gpus
 from server.backends import _cudart
 from server.backends.base import Backend, Options
 from server.backends.buffers import DeviceBuffer, HostBuffer, gather_into, staged
 from server.backends.ort_providers import device_of
+from server.backends.tensorrt_api import RECORDER, create, import_tensorrt, use_device
 from server.backends.tensorrt_engine import (
     IoTensor,
     batch_ranges,
@@ -37,34 +38,24 @@ from server.types import Array
 log = logging.getLogger(__name__)
 
 
-def import_tensorrt() -> Any:
-    try:
-        import tensorrt
-    except ImportError as exc:
-        raise ConfigError(extras.missing("the tensorrt_plan platform", "tensorrt", exc)) from None
-    return tensorrt
+def needing_tensorrt(model: str) -> str:
+    return f"model '{model}' (platform tensorrt_plan)"
 
 
-_LOGGER: Any = None
-
-
-def _logger(trt: Any) -> Any:
-    global _LOGGER
-    if _LOGGER is None:
-        _LOGGER = trt.Logger(trt.Logger.WARNING)
-    return _LOGGER
-
-
-def deserialize(trt: Any, model: str, path: Path) -> Any:
+def deserialize(trt: Any, model: str, path: Path, device: int) -> Any:
+    """The engine in `path`, deserialized on `device` (made current on this thread)."""
+    where = f"model '{model}'"
     if not path.is_file():
-        raise ConfigError(f"model '{model}': engine file {path} does not exist")
-    runtime = trt.Runtime(_logger(trt))
-    engine = runtime.deserialize_cuda_engine(path.read_bytes())
+        raise ConfigError(f"{where}: engine file {path} does not exist")
+    use_device(where, device)
+    runtime = create(trt, "Runtime", where)
+    engine = runtime.deserialize_cuda_engine(path.read_bytes())  # the engine keeps runtime
     if engine is None:
+        said = RECORDER.reason("TensorRT gave no reason")
         raise ConfigError(
-            f"model '{model}': {path} is not a TensorRT engine this TensorRT "
-            f"({trt.__version__}) and GPU can run, expected a plan built by this version on "
-            "this GPU model (tachyon trt build)"
+            f"{where}: {path} is not a TensorRT engine this TensorRT ({trt.__version__}) and "
+            f"GPU can run ({said}), expected a plan built by this version on this GPU model "
+            "(tachyon trt build)"
         )
     return engine
 
@@ -74,9 +65,9 @@ class TensorRtBackend(Backend):
 
     @classmethod
     def complete_config(cls, config: Any, version_dir: Path, default_max_batch_size: int) -> None:
-        trt = import_tensorrt()
+        trt = import_tensorrt(needing_tensorrt(config.name))
         path = version_dir / (config.default_model_filename or "model.plan")
-        engine = deserialize(trt, config.name, path)
+        engine = deserialize(trt, config.name, path, 0)
         config.platform = config.platform or cls.platform
         complete_from_engine(config, describe(engine, trt, config.name))
 
@@ -89,16 +80,25 @@ class TensorRtBackend(Backend):
                 f"model '{spec.name}': platform tensorrt_plan runs on a GPU, but the model has "
                 f"{found}, expected a GPU instance (KIND_GPU or KIND_AUTO) on a GPU host"
             )
-        trt = import_tensorrt()
+        trt = import_tensorrt(needing_tensorrt(spec.name))
         self.device = device_of(spec, self.instance, visible)
-        _cudart.set_device(self.device)
-        self._engine = deserialize(trt, spec.name, self.version_dir / spec.model_filename)
+        self._engine = deserialize(
+            trt, spec.name, self.version_dir / spec.model_filename, self.device
+        )
         self._tensors = describe(self._engine, trt, spec.name)
         check_against_engine(spec, self._tensors)
         self._ranges = batch_ranges(self._tensors)
         self._batched = spec.max_batch_size > 0
+        where = f"model '{spec.name}' instance {self.instance}"
+        RECORDER.take()
         self._context = self._engine.create_execution_context()
-        self._stream = _cudart.stream_create()
+        if self._context is None:  # e.g. not enough device memory for its activations
+            said = RECORDER.reason("TensorRT gave no reason")
+            raise ConfigError(f"{where}: TensorRT could not create an execution context: {said}")
+        try:
+            self._stream = _cudart.stream_create()
+        except _cudart.CudaError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
         self._profile = 0
         self._host_in: dict[str, HostBuffer] = {}
         self._host_out: dict[str, HostBuffer] = {}
@@ -129,7 +129,11 @@ class TensorRtBackend(Backend):
                 f"{self._ranges}"
             )
         if profile != self._profile:
-            self._context.set_optimization_profile_async(profile, self._stream)
+            if not self._context.set_optimization_profile_async(profile, self._stream):
+                raise RuntimeError(
+                    f"model '{self.spec.name}': TensorRT refused optimization profile "
+                    f"{profile}: {RECORDER.reason('no reason given')}"
+                )
             self._profile = profile
 
     def execute(
@@ -146,7 +150,10 @@ class TensorRtBackend(Backend):
             if not tensor.is_input:
                 hosts[tensor.name] = self._bind_output(tensor)
         if not self._context.execute_async_v3(self._stream):
-            raise RuntimeError(f"model '{self.spec.name}': TensorRT execute_async_v3 failed")
+            raise RuntimeError(
+                f"model '{self.spec.name}': TensorRT execute_async_v3 failed: "
+                f"{RECORDER.reason('no reason given')}"
+            )
         for name in outputs:
             host = hosts[name]
             _cudart.memcpy_async(
@@ -170,25 +177,39 @@ class TensorRtBackend(Backend):
         _cudart.memcpy_async(
             pointer, int(array.ctypes.data), array.nbytes, _cudart.HOST_TO_DEVICE, self._stream
         )
-        self._context.set_tensor_address(name, pointer)
+        self._set_address(name, pointer)
 
     def _bind_output(self, tensor: IoTensor) -> Array:
         shape = tuple(int(d) for d in self._context.get_tensor_shape(tensor.name))
+        if any(d < 0 for d in shape):  # known only after the run: needs an IOutputAllocator
+            raise RuntimeError(
+                f"model '{self.spec.name}': output '{tensor.name}' has shape {list(shape)} "
+                "after its inputs' shapes are set (data-dependent), which the TensorRT "
+                "backend does not serve, expected output shapes that follow from the inputs'"
+            )
         dtype = tensor.datatype.numpy
         size = math.prod(shape) * dtype.itemsize
         device = self._device_buffers.setdefault(tensor.name, DeviceBuffer())
-        self._context.set_tensor_address(tensor.name, device.reserve(size))
+        self._set_address(tensor.name, device.reserve(size))
         return self._host(self._host_out, tensor.name).view(dtype, shape)
 
+    def _set_address(self, name: str, pointer: int) -> None:
+        if not self._context.set_tensor_address(name, pointer):
+            raise RuntimeError(
+                f"model '{self.spec.name}': TensorRT refused the address of tensor '{name}': "
+                f"{RECORDER.reason('no reason given')}"
+            )
+
     def unload(self) -> None:
-        if "device" in self.__dict__:
-            _cudart.set_device(self.device)  # unload runs on a loader thread
         stream = self.__dict__.pop("_stream", None)
+        buffers = [buffer for table in ("_host_in", "_host_out", "_device_buffers")
+                   for buffer in self.__dict__.pop(table, {}).values()]
+        if stream is not None or buffers:
+            _cudart.set_device(self.device)  # unload runs on a loader thread
         if stream is not None:
             _cudart.stream_synchronize(stream)
             _cudart.stream_destroy(stream)
-        self.__dict__.pop("_context", None)
+        self.__dict__.pop("_context", None)  # before its engine
         self.__dict__.pop("_engine", None)
-        for table in ("_host_in", "_host_out", "_device_buffers"):
-            for buffer in self.__dict__.pop(table, {}).values():
-                buffer.release()
+        for buffer in buffers:
+            buffer.release()

@@ -3,12 +3,17 @@
     tachyon trt build --onnx model.onnx --repository model_repository --model mlp_trt \\
         --max-batch 512 --opt-batch 64 [--no-fp16] [--workspace-bytes N]
 
-parses the ONNX graph with TensorRT's ONNX parser, builds an engine with FP16 kernels allowed
-and one optimization profile over batch sizes min..max (tuned at opt), and writes it as the
+parses the ONNX graph with TensorRT's ONNX parser, builds an engine with FP16 and one
+optimization profile over batch sizes min..max (tuned at opt), and writes it as the
 next version `<repository>/<model>/<n>/model.plan`, with a config.pbtxt (platform, the
 max_batch_size, dynamic batching on) when the model has none; the server completes inputs
 and outputs from the engine. A plan runs only on the GPU model and TensorRT version that built
 it: build on the serving host (or the same GPU and image).
+
+FP16: TensorRT 10 takes `BuilderFlag.FP16` and picks FP16 kernels where they are faster;
+TensorRT 11 removed the flag (every network is strongly typed: a layer runs in its tensors'
+types), so there the graph is converted to float16 first, with float32 inputs and outputs kept
+(ONNX Runtime's converter, as `tachyon optimize --to float16`): the served config is the same.
 """
 
 from __future__ import annotations
@@ -19,6 +24,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from server.backends import _cudart
+from server.backends.tensorrt_api import RECORDER, create, import_tensorrt, logger, use_device
+from server.model_config import ConfigError
+
+COMMAND = "tachyon trt build"
 Shape = tuple[int, ...]
 
 
@@ -43,8 +53,12 @@ class BatchRange:
 def onnx_inputs(path: Path) -> list[tuple[str, Shape]]:
     """The graph inputs that are not initializers, with -1 for dynamic dimensions."""
     import onnx
+    from google.protobuf.message import DecodeError
 
-    graph = onnx.load(str(path), load_external_data=False).graph
+    try:
+        graph = onnx.load(str(path), load_external_data=False).graph
+    except DecodeError as exc:
+        raise BuildError(f"{path} is not an ONNX model ({exc}), expected a .onnx file") from None
     initializers = {t.name for t in graph.initializer}
     found = []
     for value in graph.input:
@@ -91,24 +105,41 @@ def config_text(model: str, max_batch_size: int) -> str:
     )
 
 
+def fp16_by_flag(trt: Any) -> bool:
+    """Whether this TensorRT allows FP16 kernels by a builder flag (10.x; removed in 11)."""
+    return hasattr(trt.BuilderFlag, "FP16")
+
+
+def float16_graph(onnx_path: Path) -> bytes:
+    """The model with float16 weights and arithmetic, float32 inputs and outputs kept (Cast
+    nodes at the edges), serialized: what a strongly typed TensorRT builds FP16 kernels from."""
+    import onnx
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    model = convert_float_to_float16(onnx.load(str(onnx_path)), keep_io_types=True)
+    return bytes(model.SerializeToString())
+
+
 def build_plan(
     onnx_path: Path, batch: BatchRange, fp16: bool = True, workspace_bytes: int = 0
 ) -> bytes:
-    """The serialized engine (needs the tensorrt package and a GPU)."""
+    """The serialized engine (needs the tensorrt package and a GPU). ConfigError when
+    TensorRT or CUDA cannot start, BuildError when the model cannot be built."""
     shapes = profile_shapes(onnx_inputs(onnx_path), batch)
-    import tensorrt as trt
-
-    logger = trt.Logger(trt.Logger.WARNING)
-    builder = trt.Builder(logger)
-    network = builder.create_network(0)  # TensorRT 10: explicit batch is the only mode
-    parser = trt.OnnxParser(network, logger)
-    if not parser.parse(onnx_path.read_bytes()):
+    trt = import_tensorrt(COMMAND)
+    if _cudart.available():  # else TensorRT's own runtime says what is wrong
+        use_device(COMMAND, 0)
+    builder = create(trt, "Builder", COMMAND)
+    network = builder.create_network(0)  # 10.x: explicit batch is the only mode; 11.x: typed
+    parser = trt.OnnxParser(network, logger(trt))
+    graph = float16_graph(onnx_path) if fp16 and not fp16_by_flag(trt) else onnx_path.read_bytes()
+    if not parser.parse(graph, str(onnx_path)):  # the path finds external weights
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         raise BuildError(f"TensorRT cannot parse {onnx_path}: {errors}")
     config = builder.create_builder_config()
     if workspace_bytes:
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_bytes)
-    if fp16:
+    if fp16 and fp16_by_flag(trt):
         config.set_flag(trt.BuilderFlag.FP16)
     profile = builder.create_optimization_profile()
     for name, (low, opt, high) in shapes.items():
@@ -116,7 +147,8 @@ def build_plan(
     config.add_optimization_profile(profile)
     serialized: Any = builder.build_serialized_network(network, config)
     if serialized is None:
-        raise BuildError(f"TensorRT could not build an engine from {onnx_path} (see its log)")
+        said = RECORDER.reason("TensorRT gave no reason")
+        raise BuildError(f"TensorRT could not build an engine from {onnx_path}: {said}")
     return bytes(serialized)
 
 
@@ -134,7 +166,8 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     b.add_argument("--opt-batch", type=int, default=0, help="0: --max-batch")
     b.add_argument("--max-batch", type=int, default=64)
     b.add_argument("--fp16", action=argparse.BooleanOptionalAction, default=True,
-                   help="allow FP16 kernels")
+                   help="FP16 kernels (TensorRT 11: the graph converted to float16, float32 "
+                   "inputs and outputs kept)")
     b.add_argument("--workspace-bytes", type=int, default=0, help="0: TensorRT's default")
 
 
@@ -143,12 +176,7 @@ def run(args: argparse.Namespace) -> int:
     model_dir = args.repository / args.model
     try:
         plan = build_plan(args.onnx, batch, args.fp16, args.workspace_bytes)
-    except ImportError as exc:
-        from server import extras
-
-        print(f"tachyon: {extras.missing('tachyon trt build', 'tensorrt', exc)}", file=sys.stderr)
-        return 2
-    except (BuildError, OSError) as exc:
+    except (BuildError, ConfigError, OSError) as exc:  # ConfigError: TensorRT, CUDA
         print(f"tachyon: {exc}", file=sys.stderr)
         return 2
     version = model_dir / str(next_version(model_dir))

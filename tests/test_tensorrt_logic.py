@@ -154,6 +154,9 @@ def test_load_refuses_a_max_batch_size_the_profiles_do_not_cover() -> None:
          r"engine's shape is \[-1, 784\]"),
         ("input [{ name: 'OUTPUT0' data_type: TYPE_FP32 dims: [10] }]",
          r"input 'OUTPUT0' is not an engine input"),
+        ("input [{ name: 'INPUT0' data_type: TYPE_FP32 dims: [783] }]",
+         r"input 'INPUT0': dims \[783\] do not match the engine's shape \[-1, 784\] after its "
+         "batch dimension"),
     ],
 )
 def test_configs_that_disagree_with_the_engine_are_refused(config: str, message: str) -> None:

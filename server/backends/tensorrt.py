@@ -115,7 +115,15 @@ class TensorRtBackend(Backend):
             buffer = table[name] = HostBuffer(pinned=True)
         return buffer
 
+    def _on_device(self) -> None:
+        """Make the instance's GPU current on this thread (CUDA's current device is per
+        thread; pinned allocations on a thread without one would start a context on GPU 0)."""
+        if not getattr(self._thread, "device_set", False):
+            _cudart.set_device(self.device)
+            self._thread.device_set = True
+
     def gather(self, parts: Sequence[dict[str, Array]]) -> dict[str, Array] | None:
+        self._on_device()
         return gather_into(parts, lambda name: self._host(self._host_in, name))
 
     def _select_profile(self, inputs: dict[str, Array]) -> None:
@@ -139,9 +147,7 @@ class TensorRtBackend(Backend):
     def execute(
         self, inputs: dict[str, Array], outputs: list[str], options: Options = ()
     ) -> dict[str, Array]:
-        if not getattr(self._thread, "device_set", False):
-            _cudart.set_device(self.device)  # the current device is per thread
-            self._thread.device_set = True
+        self._on_device()
         self._select_profile(inputs)
         for name, array in inputs.items():
             self._bind_input(name, array)

@@ -120,6 +120,16 @@ def float16_graph(onnx_path: Path) -> bytes:
     return bytes(model.SerializeToString())
 
 
+def _float16(onnx_path: Path) -> bytes:
+    try:
+        return float16_graph(onnx_path)
+    except ValueError as exc:  # e.g. over protobuf's 2 GB once the weights are inline
+        raise BuildError(
+            f"cannot convert {onnx_path} to float16 for TensorRT ({exc}), expected a model "
+            "under 2 GB (or --no-fp16 for float32)"
+        ) from None
+
+
 def build_plan(
     onnx_path: Path, batch: BatchRange, fp16: bool = True, workspace_bytes: int = 0
 ) -> bytes:
@@ -132,7 +142,7 @@ def build_plan(
     builder = create(trt, "Builder", COMMAND)
     network = builder.create_network(0)  # 10.x: explicit batch is the only mode; 11.x: typed
     parser = trt.OnnxParser(network, logger(trt))
-    graph = float16_graph(onnx_path) if fp16 and not fp16_by_flag(trt) else onnx_path.read_bytes()
+    graph = _float16(onnx_path) if fp16 and not fp16_by_flag(trt) else onnx_path.read_bytes()
     if not parser.parse(graph, str(onnx_path)):  # the path finds external weights
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         raise BuildError(f"TensorRT cannot parse {onnx_path}: {errors}")
@@ -143,8 +153,13 @@ def build_plan(
         config.set_flag(trt.BuilderFlag.FP16)
     profile = builder.create_optimization_profile()
     for name, (low, opt, high) in shapes.items():
-        profile.set_shape(name, low, opt, high)
-    config.add_optimization_profile(profile)
+        try:
+            profile.set_shape(name, low, opt, high)
+        except ValueError as exc:  # TensorRT's check of the shapes against the network
+            raise BuildError(f"input '{name}': profile {low} / {opt} / {high}: {exc}") from None
+    if config.add_optimization_profile(profile) < 0:
+        said = RECORDER.reason("TensorRT gave no reason")
+        raise BuildError(f"TensorRT refused the optimization profile {shapes}: {said}")
     serialized: Any = builder.build_serialized_network(network, config)
     if serialized is None:
         said = RECORDER.reason("TensorRT gave no reason")

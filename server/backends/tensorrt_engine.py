@@ -136,6 +136,12 @@ def check_against_engine(spec: ModelSpec, tensors: list[IoTensor]) -> None:
                     f"{spec.max_batch_size} give rank {len(tensor.dims) + batch}, but the "
                     f"engine's shape is {list(found.shape)}"
                 )
+            fixed = zip(found.shape[batch:], tensor.dims, strict=True)
+            if any(ours != -1 and theirs not in (-1, ours) for theirs, ours in fixed):
+                raise ConfigError(
+                    f"{where}: dims {list(tensor.dims)} do not match the engine's shape "
+                    f"{list(found.shape)}" + (" after its batch dimension" if batch else "")
+                )
     if batch:
         check_profiles(spec.name, batch_ranges(tensors), spec.max_batch_size)
 

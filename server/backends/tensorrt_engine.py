@@ -59,6 +59,11 @@ def describe(engine: Any, trt: Any, model: str) -> list[IoTensor]:
     for index in range(engine.num_io_tensors):
         name = engine.get_tensor_name(index)
         is_input = engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT
+        if engine.is_shape_inference_io(name):  # read on the host: no device address fits
+            raise ConfigError(
+                f"model '{model}': engine tensor '{name}' is a shape tensor (its values set "
+                "shapes), which Tachyon's TensorRT backend does not serve, expected data tensors"
+            )
         profiles: list[tuple[Shape, Shape, Shape]] = []
         for profile in range(engine.num_optimization_profiles if is_input else 0):
             low, opt, high = engine.get_tensor_profile_shape(name, profile)

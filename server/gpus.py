@@ -43,11 +43,39 @@ def nvml() -> Any | None:
 
 
 @functools.cache
+def _gpu_count() -> tuple[int, str]:
+    """(GPUs this process may use, why none when 0): NVML's count with CUDA_VISIBLE_DEVICES
+    applied, else (no nvidia-ml-py, no NVML library) the CUDA runtime's."""
+    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        physical = int(pynvml.nvmlDeviceGetCount())
+    except ImportError:
+        nvml_says = "nvidia-ml-py is not installed"
+    except Exception as exc:  # NVMLError: no driver, no library
+        nvml_says = f"NVML: {exc}"
+    else:
+        visible = count_visible(listed, physical)
+        return visible, f"NVML counts {physical} GPU(s), CUDA_VISIBLE_DEVICES={listed!r}"
+    from server.backends import _cudart  # ctypes only: imports without CUDA
+
+    try:
+        count = _cudart.device_count()
+    except _cudart.CudaError as exc:
+        return 0, f"{nvml_says}; {exc}"
+    return count, f"{nvml_says}; the CUDA runtime counts {count}"
+
+
 def visible_gpus() -> int:
     """GPUs this process may use (0 without a driver); read once."""
-    lib = nvml()
-    physical = int(lib.nvmlDeviceGetCount()) if lib is not None else 0
-    return count_visible(os.environ.get("CUDA_VISIBLE_DEVICES"), physical)
+    return _gpu_count()[0]
+
+
+def no_gpu_reason() -> str:
+    """Why `visible_gpus` is 0, in words (what NVML and the CUDA runtime said)."""
+    return _gpu_count()[1]
 
 
 def _pip_tensorrt_libs() -> list[Path]:

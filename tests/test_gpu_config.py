@@ -12,6 +12,7 @@ import onnxruntime as ort
 import pytest
 
 from server import gpus
+from server.backends import _cudart
 from server.backends.ort_providers import (
     CPU,
     CUDA,
@@ -126,6 +127,24 @@ def test_a_listed_gpu_that_is_not_visible_fails_the_load() -> None:
 def test_without_nvml_there_is_no_gpu_and_no_gpu_memory() -> None:
     assert gpus.visible_gpus() == 0
     assert gpus.process_gpu_memory(os.getpid()) == 0 and gpus.device_memory_used() == 0
+    # what NVML and then the CUDA runtime said: a KIND_GPU model's load error quotes it
+    reason = gpus.no_gpu_reason()
+    assert reason.startswith(("nvidia-ml-py is not installed; ", "NVML: ")), reason
+    assert "cudaGetDeviceCount failed" in reason or "the CUDA runtime" in reason, reason
+
+
+def test_the_cuda_runtime_is_found_in_nvidias_cuda_12_and_13_wheels(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # nvidia-cuda-runtime (CUDA 13) and nvidia-cuda-runtime-cu12 lay their libraries out apart
+    wanted = [tmp_path / "nvidia" / "cu13" / "lib" / "libcudart.so.13",
+              tmp_path / "nvidia" / "cuda_runtime" / "lib" / "libcudart.so.12"]
+    for library in wanted:
+        library.parent.mkdir(parents=True)
+        library.touch()
+    monkeypatch.syspath_prepend(str(tmp_path))
+    found = _cudart._pip_runtime()
+    assert all(library in found for library in wanted), found
 
 
 def test_cuda_visible_devices_limits_what_a_process_sees() -> None:
@@ -154,6 +173,19 @@ def test_cuda_always_backs_tensorrt_and_missing_libraries_give_one_note() -> Non
     assert len(plan.notes) == 1
     assert "TensorRT libraries (libnvinfer) are missing, running on the CUDA EP" in plan.notes[0]
     assert plan_providers(trt(), EVERYTHING, 0, VERSION).notes == []
+
+
+def test_without_a_visible_gpu_auto_runs_on_the_cpu_and_kind_gpu_says_why() -> None:
+    # onnxruntime-gpu offers the CUDA EP on a host without a GPU (or driver) too
+    for spec in (spec_of("instance_group [{ kind: KIND_AUTO }]"), trt(kind="KIND_AUTO")):
+        plan = plan_providers(spec, EVERYTHING, 0, VERSION, visible_gpus=0)
+        assert plan.names == [CPU] and plan.notes == []
+    with pytest.raises(ConfigError) as info:
+        plan_providers(trt(), EVERYTHING, 0, VERSION, visible_gpus=0,
+                       no_gpu_reason="NVML: Driver Not Loaded")
+    assert str(info.value) == (
+        "model 'm': instance_group kind KIND_GPU needs a GPU, but this process sees none "
+        "(NVML: Driver Not Loaded); use KIND_AUTO to run on the CPU where there is no GPU")
 
 
 def test_kind_gpu_without_the_cuda_ep_is_a_clear_error() -> None:
@@ -241,6 +273,39 @@ def test_bad_tensorrt_parameters_are_refused_naming_everything(
     assert message in text
 
 
+@pytest.mark.parametrize(
+    ("pair", "message"),
+    [
+        # each of these passed our checks before and was refused by onnxruntime-gpu 1.31.1's
+        # TensorRT option parser (or read as another number) when the session was created
+        (("max_workspace_size_bytes", "-1"),
+         "parameters 'max_workspace_size_bytes' is '-1', expected an integer >= 0"),
+        (("trt_max_workspace_size", "1_000"),
+         "parameters 'trt_max_workspace_size' is '1_000', expected an integer >= 0"),
+        (("trt_engine_cache_path", ""),
+         "parameters 'trt_engine_cache_path' is '', expected a non-empty string"),
+        (("trt_profile_min_shapes", ""),
+         "parameters 'trt_profile_min_shapes' is '', expected a non-empty string"),
+        (("trt_min_subgraph_size", " 5"),
+         "parameters 'trt_min_subgraph_size' is ' 5', expected an integer >= 0"),
+    ],
+)
+def test_values_onnx_runtime_would_refuse_are_refused_at_load(
+    pair: tuple[str, str], message: str
+) -> None:
+    with pytest.raises(ConfigError) as info:
+        plan_providers(trt(pair), EVERYTHING, 0, VERSION)
+    assert message in str(info.value)
+
+
+def test_onnx_runtimes_newer_trt_keys_pass_through() -> None:
+    got = options(trt(("trt_preview_features", "ALIASED_PLUGIN_IO_10_03"),
+                      ("trt_op_types_to_exclude", ""), ("trt_auxiliary_streams", "-1")),
+                  TENSORRT)
+    assert got == {"device_id": "0", "trt_preview_features": "ALIASED_PLUGIN_IO_10_03",
+                   "trt_op_types_to_exclude": "", "trt_auxiliary_streams": "-1"}
+
+
 def test_accelerator_parameters_are_checked_on_a_cpu_host_too() -> None:
     with pytest.raises(ConfigError, match="'trt_turbo'"):
         plan_providers(trt(("trt_turbo", "1"), kind="KIND_CPU"), [CPU], 0, VERSION)
@@ -282,6 +347,9 @@ def test_tritons_model_level_cuda_parameters_still_apply() -> None:
         (("arena_extend_strategy", "huge"), "parameters 'arena_extend_strategy' is 'huge', "
          "expected \"kNextPowerOfTwo\" or \"kSameAsRequested\" or \"0\" or \"1\""),
         (("gpu_mem_limit", "-"), "parameters 'gpu_mem_limit' is '-', expected an integer"),
+        # ONNX Runtime reads it as a size_t and refuses "-1" when the session is created
+        (("gpu_mem_limit", "-1"),
+         "parameters 'gpu_mem_limit' is '-1', expected an integer >= 0"),
         (("precision_mode", "FP16"), "parameters key 'precision_mode' (value 'FP16') is not a "
          "CUDA EP option, expected one of gpu_mem_limit"),
     ],
@@ -326,23 +394,40 @@ def test_a_bad_graph_level_is_refused() -> None:
 # -- on a real server ----------------------------------------------------------------------
 
 
-@pytest.mark.skipif(CUDA in ort.get_available_providers(), reason="checks the host without CUDA")
-def test_kind_gpu_on_a_cpu_host_is_unavailable_with_the_reason(
+@pytest.mark.skipif(gpus.visible_gpus() > 0, reason="checks a host without a GPU")
+def test_kind_gpu_on_a_host_without_a_gpu_is_unavailable_and_the_rest_serve(
     tmp_path: Path, start_server: ServerFactory
 ) -> None:
+    import numpy as np
+    import tritonclient.grpc as grpcclient
+
     repo = tmp_path / "repo"
-    shutil.copytree(BUNDLED / "identity_fp32", repo / "gpu_identity")
-    config = repo / "gpu_identity" / "config.pbtxt"
-    config.write_text(
-        config.read_text().replace('name: "identity_fp32"', 'name: "gpu_identity"')
-        + "\ninstance_group [ { kind: KIND_GPU gpus: [ 0 ] } ]\n"
-    )
+    for name, group in (("gpu_identity", "KIND_GPU gpus: [ 0 ]"), ("auto_identity", "KIND_AUTO")):
+        shutil.copytree(BUNDLED / "identity_fp32", repo / name)
+        config = repo / name / "config.pbtxt"
+        config.write_text(
+            config.read_text().replace('name: "identity_fp32"', f'name: "{name}"')
+            + f"\ninstance_group [ {{ kind: {group} }} ]\n"
+        )
     server = start_server(repo, "--exit-on-error", "false", "--strict-readiness", "false")
 
     def reason() -> str:
         return repository_index(server).get(("gpu_identity", "1"), {}).get("reason", "")
 
     wait_for(lambda: bool(reason()), "the model's load to fail")
-    assert "model 'gpu_identity': instance_group kind KIND_GPU needs CUDAExecutionProvider" \
-        in reason()
-    assert "install the [gpu] extra" in reason()
+    if CUDA in ort.get_available_providers():  # onnxruntime-gpu on a host without a GPU
+        assert reason().startswith("model 'gpu_identity': instance_group kind KIND_GPU needs "
+                                   "a GPU, but this process sees none (")
+        assert reason().endswith("); use KIND_AUTO to run on the CPU where there is no GPU")
+    else:
+        assert "model 'gpu_identity': instance_group kind KIND_GPU needs CUDAExecutionProvider" \
+            in reason()
+        assert "install the [gpu] extra" in reason()
+    # the server stays up and KIND_AUTO runs on the CPU
+    client = grpcclient.InferenceServerClient(server.grpc_url)
+    x = np.arange(32, dtype=np.float32).reshape(2, 16)
+    data = grpcclient.InferInput("INPUT0", [2, 16], "FP32")
+    data.set_data_from_numpy(x)
+    np.testing.assert_array_equal(client.infer("auto_identity", [data]).as_numpy("OUTPUT0"), x)
+    client.close()
+    assert "model 'auto_identity' instance 0 on CPUExecutionProvider\n" in server.log()

@@ -26,14 +26,16 @@ class CudaError(RuntimeError):
 
 
 def _pip_runtime() -> list[Path]:
-    """libcudart from the nvidia-cuda-runtime-cu12/cu13 wheels, if installed."""
+    """libcudart from NVIDIA's runtime wheels, if installed: nvidia-cuda-runtime (CUDA 13)
+    puts it in nvidia/cu13/lib, nvidia-cuda-runtime-cu12 in nvidia/cuda_runtime/lib."""
     try:
-        import nvidia.cuda_runtime as runtime  # the wheels' namespace package
+        import nvidia  # the wheels' namespace package
     except ImportError:
         return []
     found: list[Path] = []
-    for folder in runtime.__path__:
-        found += sorted(Path(folder).glob("lib/libcudart.so.*"))
+    for folder in nvidia.__path__:
+        for wheel in ("cu13", "cuda_runtime"):
+            found += sorted(Path(folder, wheel, "lib").glob("libcudart.so.*"))
     return found
 
 
@@ -62,6 +64,14 @@ def _check(call: str, status: int) -> None:
         lib.cudaGetErrorString.restype = ctypes.c_char_p
         message = lib.cudaGetErrorString(ctypes.c_int(status)) or b"unknown error"
         raise CudaError(f"{call} failed: {message.decode()} (cudaError {status})")
+
+
+def device_count() -> int:
+    """The CUDA devices this process sees (CUDA_VISIBLE_DEVICES applied); CudaError without
+    a driver or a device."""
+    count = ctypes.c_int()
+    _check("cudaGetDeviceCount", library().cudaGetDeviceCount(ctypes.byref(count)))
+    return int(count.value)
 
 
 def set_device(device: int) -> None:

@@ -22,6 +22,7 @@ from server.backends.ort_providers import (
     plan_providers,
     select_providers,
 )
+from server.backends.ort_session import create_session
 from server.model_config import ConfigError, complete_batching, set_tensor
 from server.types import Array, DataType, TensorSpec
 
@@ -111,21 +112,22 @@ class OnnxRuntimeBackend(Backend):
 
         available = ort.get_available_providers()
         on_cuda = self.spec.instance_kind != "KIND_CPU" and CUDA in available
+        visible = gpus.visible_gpus() if on_cuda else 0
         plan = plan_providers(
             self.spec, available, self.instance, self.version_dir,
-            visible_gpus=gpus.visible_gpus() if on_cuda else 0,
+            visible_gpus=visible,
             tensorrt_present=(
-                on_cuda and TENSORRT in available and "tensorrt" in self.spec.gpu_accelerators
-                and gpus.tensorrt_libraries()
+                visible > 0 and TENSORRT in available
+                and "tensorrt" in self.spec.gpu_accelerators and gpus.tensorrt_libraries()
             ),
+            no_gpu_reason=gpus.no_gpu_reason() if on_cuda and not visible else "",
         )
         if self.instance == 0:
             for note in plan.notes:
                 log.warning("%s", note)
         path = self.version_dir / self.spec.model_filename
-        self.session = ort.InferenceSession(
-            str(path), self._session_options(ort, plan),
-            providers=plan.names, provider_options=[o for _, o in plan.providers],
+        self.session, plan = create_session(
+            ort, path, self._session_options(ort, plan), plan, self.spec, self.instance
         )
         self._check_against_graph()
         self._bytes_inputs = {t.name for t in self.spec.inputs if t.datatype is DataType.BYTES}

@@ -17,6 +17,7 @@ message naming the model, the field, the value and what was expected.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,25 +51,36 @@ _BOOL_WORDS = {"1": True, "true": True, "0": False, "false": False}
 
 
 def _is_int(value: str) -> bool:
-    try:
-        int(value)
-    except ValueError:
-        return False
-    return True
+    # digits only: Python's int() also takes "1_000" and " 5", which ONNX Runtime's parsers
+    # refuse or read as 1
+    return re.fullmatch(r"-?[0-9]+", value) is not None
 
 
 def _is_bool(value: str) -> bool:
     return value.lower() in _BOOL_WORDS
 
 
+def _is_count(value: str) -> bool:
+    return _is_int(value) and int(value) >= 0
+
+
+def _non_empty(value: str) -> bool:
+    return value != ""
+
+
 def _any(value: str) -> bool:
     return True
 
 
+# ONNX Runtime's own parsers (checked against onnxruntime-gpu 1.31.1): booleans only as
+# "True"/"False" for TensorRT (we normalise), sizes and counts unsigned (gpu_mem_limit "-1" and
+# an empty trt_* string are refused at session creation, so they are refused here at load)
 Check = tuple[Callable[[str], bool], str]  # (accepts?, what was expected)
 BOOL: Check = (_is_bool, '"1", "0", "true" or "false"')
 INT: Check = (_is_int, "an integer")
-STR: Check = (_any, "a string")
+COUNT: Check = (_is_count, "an integer >= 0")
+STR: Check = (_non_empty, "a non-empty string")
+ANY_STR: Check = (_any, "a string")
 
 
 def _choice(*values: str) -> Check:
@@ -77,22 +89,22 @@ def _choice(*values: str) -> Check:
 
 # Triton's names for the TensorRT EP's options -> ONNX Runtime's, with the value's type
 TRT_RENAMED: dict[str, tuple[str, Check]] = {
-    "max_workspace_size_bytes": ("trt_max_workspace_size", INT),
+    "max_workspace_size_bytes": ("trt_max_workspace_size", COUNT),
     "int8_calibration_table_name": ("trt_int8_calibration_table_name", STR),
     "int8_use_native_calibration_table": ("trt_int8_use_native_calibration_table", BOOL),
 }
 # the trt_* options of ONNX Runtime's TensorRT EP, passed through as they are
 TRT_OPTIONS: dict[str, Check] = {
-    "trt_max_workspace_size": INT,
-    "trt_max_partition_iterations": INT,
-    "trt_min_subgraph_size": INT,
+    "trt_max_workspace_size": COUNT,
+    "trt_max_partition_iterations": COUNT,
+    "trt_min_subgraph_size": COUNT,
     "trt_fp16_enable": BOOL,
     "trt_bf16_enable": BOOL,
     "trt_int8_enable": BOOL,
     "trt_int8_calibration_table_name": STR,
     "trt_int8_use_native_calibration_table": BOOL,
     "trt_dla_enable": BOOL,
-    "trt_dla_core": INT,
+    "trt_dla_core": COUNT,
     "trt_engine_cache_enable": BOOL,
     "trt_engine_cache_path": STR,
     "trt_engine_cache_prefix": STR,
@@ -106,8 +118,8 @@ TRT_OPTIONS: dict[str, Check] = {
     "trt_detailed_build_log": BOOL,
     "trt_build_heuristics_enable": BOOL,
     "trt_sparsity_enable": BOOL,
-    "trt_builder_optimization_level": INT,
-    "trt_auxiliary_streams": INT,
+    "trt_builder_optimization_level": COUNT,
+    "trt_auxiliary_streams": INT,  # -1: TensorRT decides
     "trt_tactic_sources": STR,
     "trt_extra_plugin_lib_paths": STR,
     "trt_profile_min_shapes": STR,
@@ -116,17 +128,18 @@ TRT_OPTIONS: dict[str, Check] = {
     "trt_cuda_graph_enable": BOOL,
     "trt_dump_ep_context_model": BOOL,
     "trt_ep_context_file_path": STR,
-    "trt_ep_context_embed_mode": INT,
+    "trt_ep_context_embed_mode": COUNT,
     "trt_engine_decryption_enable": BOOL,
     "trt_engine_decryption_lib_path": STR,
     "trt_engine_hw_compatible": BOOL,
     "trt_weight_stripped_engine_enable": BOOL,
     "trt_onnx_model_folder_path": STR,
-    "trt_op_types_to_exclude": STR,
+    "trt_op_types_to_exclude": ANY_STR,  # "": exclude nothing
+    "trt_preview_features": STR,
 }
 # the CUDA EP's options (ONNX Runtime's names)
 CUDA_OPTIONS: dict[str, Check] = {
-    "gpu_mem_limit": INT,
+    "gpu_mem_limit": COUNT,
     "arena_extend_strategy": _choice("kNextPowerOfTwo", "kSameAsRequested", "0", "1"),
     "cudnn_conv_algo_search": _choice("EXHAUSTIVE", "HEURISTIC", "DEFAULT", "0", "1", "2"),
     "do_copy_in_default_stream": BOOL,
@@ -139,7 +152,7 @@ CUDA_OPTIONS: dict[str, Check] = {
     "use_ep_level_unified_stream": BOOL,
     "tunable_op_enable": BOOL,
     "tunable_op_tuning_enable": BOOL,
-    "tunable_op_max_tuning_duration_ms": INT,
+    "tunable_op_max_tuning_duration_ms": COUNT,
 }
 # numbers Triton accepts for the CUDA enums -> ONNX Runtime's names
 _CUDA_ENUMS = {
@@ -168,6 +181,14 @@ class ProviderPlan:
     @property
     def on_gpu(self) -> bool:
         return self.providers[0][0] != CPU
+
+    def without(self, name: str) -> ProviderPlan:
+        """This plan less one provider (a fallback: TensorRT that did not come up)."""
+        kept = [(n, o) for n, o in self.providers if n != name]
+        return ProviderPlan(kept, self.graph_level, self.notes)
+
+    def on_cpu(self) -> ProviderPlan:
+        return ProviderPlan([(CPU, {})], self.graph_level, self.notes)
 
 
 def graph_level(spec: ModelSpec) -> str:
@@ -291,13 +312,16 @@ def plan_providers(
     version_dir: Path,
     visible_gpus: int = 1,
     tensorrt_present: bool = True,
+    no_gpu_reason: str = "",
 ) -> ProviderPlan:
     """The execution providers (with options) of one instance, in priority order.
 
-    KIND_CPU runs on the CPU. Otherwise CUDA when ONNX Runtime offers it, TensorRT in front
-    when the config asks for it and its libraries load (`tensorrt_present`; else one note),
-    the CPU last. KIND_GPU without the CUDA EP is a ConfigError. The accelerators' options
-    are checked whatever the kind, so a config error shows on a CPU host too.
+    KIND_CPU runs on the CPU. Otherwise CUDA when ONNX Runtime offers it and a GPU is visible
+    (KIND_AUTO without one runs on the CPU, as in Triton), TensorRT in front when the config
+    asks for it and its libraries load (`tensorrt_present`; else one note), the CPU last.
+    KIND_GPU without the CUDA EP or without a visible GPU (`no_gpu_reason` says why) is a
+    ConfigError. The accelerators' options are checked whatever the kind, so a config error
+    shows on a CPU host too.
     """
     level = graph_level(spec)
     trt, cuda = accelerator_options(spec, version_dir)
@@ -305,7 +329,7 @@ def plan_providers(
         return ProviderPlan([(CPU, {})], level)
     notes: list[str] = []
     providers: list[tuple[str, dict[str, str]]] = []
-    if CUDA in available:
+    if CUDA in available and visible_gpus > 0:
         device = {"device_id": str(device_of(spec, instance, visible_gpus))}
         if trt is not None and TENSORRT in available:
             if tensorrt_present:
@@ -318,9 +342,16 @@ def plan_providers(
                 )
         providers.append((CUDA, {**device, **cuda}))
     if spec.instance_kind == "KIND_GPU" and not providers:
+        if CUDA not in available:
+            raise ConfigError(
+                f"model '{spec.name}': instance_group kind KIND_GPU needs "
+                f"CUDAExecutionProvider, but ONNX Runtime offers only {', '.join(available)} "
+                "(install the [gpu] extra)"
+            )
         raise ConfigError(
-            f"model '{spec.name}': instance_group kind KIND_GPU needs CUDAExecutionProvider, "
-            f"but ONNX Runtime offers only {', '.join(available)} (install the [gpu] extra)"
+            f"model '{spec.name}': instance_group kind KIND_GPU needs a GPU, but this process "
+            f"sees none ({no_gpu_reason or 'no NVIDIA driver, or CUDA_VISIBLE_DEVICES hides them'}"
+            "); use KIND_AUTO to run on the CPU where there is no GPU"
         )
     return ProviderPlan([*providers, (CPU, {})], level, notes)
 

@@ -28,7 +28,8 @@ from .conftest import ROOT, RunningServer, ServerFactory, wait_for
 sys.path.insert(0, str(ROOT / "tools"))
 from make_models import make_mlp
 
-HAS_CUDA_EP = "CUDAExecutionProvider" in ort.get_available_providers()
+# onnxruntime-gpu offers the CUDA EP on a host without a GPU too: both are needed
+HAS_CUDA_EP = "CUDAExecutionProvider" in ort.get_available_providers() and gpus.visible_gpus() > 0
 HAS_TENSORRT = importlib.util.find_spec("tensorrt") is not None
 HAS_FAISS = importlib.util.find_spec("faiss") is not None
 

@@ -49,9 +49,14 @@ def deserialize(trt: Any, model: str, path: Path, device: int) -> Any:
         raise ConfigError(f"{where}: engine file {path} does not exist")
     use_device(where, device)
     runtime = create(trt, "Runtime", where)
-    engine = runtime.deserialize_cuda_engine(path.read_bytes())  # the engine keeps runtime
+    try:
+        engine = runtime.deserialize_cuda_engine(path.read_bytes())  # keeps its runtime alive
+    except RuntimeError as exc:  # TensorRT documents None; some failures raise instead
+        engine, error = None, str(exc)
+    else:
+        error = "TensorRT gave no reason"
     if engine is None:
-        said = RECORDER.reason("TensorRT gave no reason")
+        said = RECORDER.reason(error)
         raise ConfigError(
             f"{where}: {path} is not a TensorRT engine this TensorRT ({trt.__version__}) and "
             f"GPU can run ({said}), expected a plan built by this version on this GPU model "

@@ -141,11 +141,30 @@ def build_plan(
         use_device(COMMAND, 0)
     builder = create(trt, "Builder", COMMAND)
     network = builder.create_network(0)  # 10.x: explicit batch is the only mode; 11.x: typed
+    parser = _parse(trt, network, onnx_path, fp16 and not fp16_by_flag(trt))
+    config = _config(trt, builder, shapes, fp16, workspace_bytes)
+    serialized: Any = builder.build_serialized_network(network, config)
+    del parser  # held through the build: the network's weights live in the parser
+    if serialized is None:
+        said = RECORDER.reason("TensorRT gave no reason")
+        raise BuildError(f"TensorRT could not build an engine from {onnx_path}: {said}")
+    return bytes(serialized)
+
+
+def _parse(trt: Any, network: Any, onnx_path: Path, to_float16: bool) -> Any:
     parser = trt.OnnxParser(network, logger(trt))
-    graph = _float16(onnx_path) if fp16 and not fp16_by_flag(trt) else onnx_path.read_bytes()
+    graph = _float16(onnx_path) if to_float16 else onnx_path.read_bytes()
     if not parser.parse(graph, str(onnx_path)):  # the path finds external weights
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         raise BuildError(f"TensorRT cannot parse {onnx_path}: {errors}")
+    return parser
+
+
+def _config(
+    trt: Any, builder: Any, shapes: dict[str, tuple[Shape, Shape, Shape]], fp16: bool,
+    workspace_bytes: int,
+) -> Any:
+    """The builder config: workspace, FP16 by flag where TensorRT has one, one profile."""
     config = builder.create_builder_config()
     if workspace_bytes:
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_bytes)
@@ -160,11 +179,7 @@ def build_plan(
     if config.add_optimization_profile(profile) < 0:
         said = RECORDER.reason("TensorRT gave no reason")
         raise BuildError(f"TensorRT refused the optimization profile {shapes}: {said}")
-    serialized: Any = builder.build_serialized_network(network, config)
-    if serialized is None:
-        said = RECORDER.reason("TensorRT gave no reason")
-        raise BuildError(f"TensorRT could not build an engine from {onnx_path}: {said}")
-    return bytes(serialized)
+    return config
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -5,6 +5,8 @@ get messages that say what to fix, and the GPU choice is a pure function."""
 from __future__ import annotations
 
 import argparse
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,9 +17,15 @@ faiss = pytest.importorskip("faiss")
 from server import index_build, model_config  # noqa: E402
 from server.backends import factory  # noqa: E402
 from server.backends.faiss import (  # noqa: E402
+    GPU_MAX_NPROBE,
     FaissBackend,
     apply_search_parameters,
+    clone_to_gpus,
+    cpu_parts,
     faiss_reason,
+    gpu_limit_reason,
+    is_gpu_build,
+    no_gpu_reason,
     use_gpu,
 )
 from server.index_build import BuildError  # noqa: E402
@@ -290,16 +298,125 @@ def test_k_up_to_max_k_and_a_matching_metric_load(tmp_path: Path, vectors: np.nd
 def test_use_gpu() -> None:
     assert use_gpu(1, "KIND_GPU") and use_gpu(2, "KIND_AUTO") and use_gpu(1, "KIND_MODEL")
     assert not use_gpu(0, "KIND_AUTO") and not use_gpu(1, "KIND_CPU")
-    assert not use_gpu(0, "KIND_CPU")
+    assert not use_gpu(0, "KIND_CPU") and not use_gpu(0, "KIND_MODEL")
+    assert use_gpu(2, "KIND_MODEL", (0, 1))
     with pytest.raises(ConfigError, match="KIND_GPU needs a GPU, but FAISS sees none"):
         use_gpu(0, "KIND_GPU")
+    # a KIND_MODEL group that lists gpus asks for them (its index is sharded over them)
+    with pytest.raises(ConfigError, match=r"^instance_group kind KIND_MODEL gpus \[0, 1\] needs "
+                                          r"a GPU, but FAISS sees none: why$"):
+        use_gpu(0, "KIND_MODEL", (0, 1), "why")
+
+
+def test_no_gpu_reason_tells_a_cpu_build_from_a_gpu_build_without_a_device() -> None:
+    cpu = no_gpu_reason(False, "1.15.1", None)
+    assert cpu.startswith("this faiss 1.15.1 is a CPU-only build (faiss-cpu)")
+    assert "[gpu] extra: faiss-gpu-cu12" in cpu
+    gpu = no_gpu_reason(True, "1.14.1", "")
+    assert gpu.startswith("this faiss 1.14.1 is a GPU build, but CUDA reports no device "
+                          "(CUDA_VISIBLE_DEVICES=''; no NVIDIA driver")
+    assert "CUDA_VISIBLE_DEVICES" not in no_gpu_reason(True, "1.14.1", None)
+    # the build as FAISS reports it matches the GPU classes the module has
+    assert is_gpu_build(faiss) == hasattr(faiss, "StandardGpuResources")
 
 
 @pytest.mark.skipif(faiss.get_num_gpus() > 0, reason="checks the error without a GPU")
-def test_kind_gpu_without_a_gpu_fails_the_load(tmp_path: Path, vectors: np.ndarray) -> None:
-    text = config(extra="instance_group [ { kind: KIND_GPU } ]")
-    with pytest.raises(ConfigError, match="model 'm': instance_group kind KIND_GPU needs a GPU"):
+@pytest.mark.parametrize("group", ["{ kind: KIND_GPU }", "{ kind: KIND_GPU gpus: [ 0 ] }",
+                                   "{ kind: KIND_MODEL gpus: [ 0, 1 ] }"])
+def test_a_gpu_group_without_a_gpu_fails_the_load_saying_why(
+    tmp_path: Path, vectors: np.ndarray, group: str
+) -> None:
+    text = config(extra=f"instance_group [ {group} ]")
+    kind = group.split()[2]
+    listed = " gpus [0, 1]" if "0, 1" in group else " gpus [0]" if "[ 0 ]" in group else ""
+    why = ("is a GPU build, but CUDA reports no device" if is_gpu_build(faiss)
+           else "is a CPU-only build (faiss-cpu)")
+    with pytest.raises(ConfigError) as error:
         loaded(write_index(tmp_path / "m", flat(vectors), text))
+    assert str(error.value).startswith(
+        f"model 'm': instance_group kind {kind}{listed} needs a GPU, but FAISS sees none: "
+        f"this faiss {faiss.__version__} {why}"
+    )
+
+
+def test_a_model_group_without_gpus_runs_on_the_cpu_without_a_gpu(
+    tmp_path: Path, vectors: np.ndarray, queries: np.ndarray
+) -> None:
+    if faiss.get_num_gpus() > 0:
+        pytest.skip("checks the CPU fallback without a GPU")
+    model_dir = write_index(tmp_path / "m", flat(vectors),
+                            config(extra="instance_group [ { kind: KIND_MODEL } ]"))
+    backend = loaded(model_dir)
+    _, want = flat(vectors).search(queries, 10)  # type: ignore[attr-defined]
+    assert np.array_equal(backend.execute({"QUERY": queries}, ["IDS"])["IDS"], want)
+
+
+def test_gpu_limits_count_the_nprobe_the_index_file_holds() -> None:
+    assert gpu_limit_reason(10, {}, GPU_MAX_NPROBE) == ""
+    assert gpu_limit_reason(10, {}, 4096) == (
+        f"the index's own nprobe 4096 is more than the GPU's limit {GPU_MAX_NPROBE}, expected "
+        f"parameters.nprobe <= {GPU_MAX_NPROBE}")
+    # the config's nprobe replaces the index's own
+    assert gpu_limit_reason(10, {"nprobe": 64}, 4096) == ""
+
+
+def test_faiss_reason_keeps_what_the_gpu_build_says() -> None:
+    """Errors as FAISS's GPU build (faiss-gpu-cu12 1.14.1, faiss-gpu 1.15.1) raises them from
+    index_cpu_to_gpu on a host without a GPU, and for an index type it has no GPU version of."""
+    no_device = (
+        "Error in faiss::gpu::GpuIndex::GpuIndex(std::shared_ptr<faiss::gpu::GpuResources>, int, "
+        "faiss::MetricType, float, faiss::gpu::GpuIndexConfig) at /project/faiss/faiss/gpu/"
+        "GpuIndex.cu:65: Error: 'config_.device < getNumDevices()' failed: Invalid GPU device 0"
+    )
+    assert faiss_reason(RuntimeError(no_device)) == "Invalid GPU device 0"
+    hnsw = (
+        "Error in virtual faiss::Index* faiss::gpu::ToGpuCloner::clone_Index(const faiss::Index*) "
+        "at /project/faiss/faiss/gpu/GpuCloner.cpp:253: This index type is not implemented on GPU."
+    )
+    assert faiss_reason(RuntimeError(hnsw)) == "This index type is not implemented on GPU."
+
+
+def test_cpu_parts_look_through_shards_and_wrappers(vectors: np.ndarray) -> None:
+    shards = faiss.IndexShards(DIM, True, True)
+    for part in (flat(vectors[:1000]), flat(vectors[1000:])):
+        shards.add_shard(part)
+    assert cpu_parts(faiss, shards) == ["IndexFlatL2", "IndexFlatL2"]
+    assert cpu_parts(faiss, faiss.IndexIDMap(faiss.IndexHNSWFlat(DIM, 16))) == ["IndexHNSWFlat"]
+
+
+@pytest.mark.skipif(not is_gpu_build(faiss), reason="needs a GPU build of FAISS (no GPU)")
+@pytest.mark.parametrize("factory_string", ["HNSW16", "IDMap,HNSW16", "SQ8"])
+def test_sharding_an_index_faiss_has_no_gpu_version_of_is_refused(
+    vectors: np.ndarray, factory_string: str
+) -> None:
+    """FAISS's multi-GPU cloner hands such an index back as a CPU copy, with no error and no
+    GPU call (so this runs without a GPU): the backend must not call it a GPU index."""
+    index = faiss.index_factory(DIM, factory_string)
+    index.train(vectors)
+    if factory_string.startswith("IDMap"):
+        index.add_with_ids(vectors, np.arange(COUNT, dtype=np.int64))
+    else:
+        index.add(vectors)
+    resources = [faiss.StandardGpuResources(), faiss.StandardGpuResources()]
+    options = faiss.GpuMultipleClonerOptions()
+    options.shard = True
+    copied = faiss.index_cpu_to_gpu_multiple_py(resources, index, options, [0, 1])
+    assert copied.ntotal == COUNT and cpu_parts(faiss, copied)  # FAISS's own behaviour
+    leaf = "IndexScalarQuantizer" if factory_string == "SQ8" else "IndexHNSWFlat"
+    with pytest.raises(ValueError, match=f"^FAISS has no GPU version of {leaf} "):
+        clone_to_gpus(faiss, resources, (0, 1), index)
+
+
+def test_importing_faiss_logs_no_loader_lines() -> None:
+    """faiss-cpu logs which CPU build it loads as `faiss.loader`, faiss-gpu-cu12 as
+    `faiss._loader`: a server at INFO shows neither."""
+    code = ("import logging; logging.basicConfig(level=logging.INFO); "
+            "from server.backends.faiss import import_faiss; import_faiss(); "
+            "logging.getLogger('check').info('imported')")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            check=True, timeout=60)
+    assert "INFO:check:imported" in result.stderr
+    assert "faiss" not in result.stderr.replace("import_faiss", ""), result.stderr
 
 
 @pytest.mark.gpu

@@ -12,7 +12,10 @@ Each instance owns its copy of the index (on a GPU when one is present and the i
 allows it: `index_cpu_to_gpu` with the instance's own GpuResources; a KIND_MODEL group's
 instances shard the index over all its `gpus`) and runs one `index.search` per batch on its
 own thread, with `omp_threads` OpenMP threads (set on that thread); FAISS releases the GIL
-inside. The GPU build's limits (k and nprobe up to 2048) are checked at load.
+inside. The GPU build's limits (k and nprobe up to 2048, GPU_MAX_SELECTION_K; faiss-gpu-cuvs's
+cuVS path, off by default in 1.15, allows 16384) are checked at load, the index file's own
+nprobe too, and an index FAISS has no GPU version of (HNSW, PQ, SQ8...) is never called a GPU
+index: its multi-GPU cloner hands such an index back as a CPU copy without an error.
 """
 
 from __future__ import annotations
@@ -43,40 +46,79 @@ _OUTPUT_TYPES = {DISTANCES: DataType.FP32, IDS: DataType.INT64}
 _SEARCH_PARAMETERS = {"nprobe": "nprobe", "efSearch": "efSearch"}  # config key -> FAISS name
 
 
-def use_gpu(num_gpus: int, instance_kind: str) -> bool:
+def is_gpu_build(faiss: Any) -> bool:
+    """Whether this `faiss` module was built with GPU support (faiss-gpu-cu12, faiss-gpu)."""
+    return "GPU" in str(faiss.get_compile_options()).split()
+
+
+def no_gpu_reason(gpu_build: bool, version: str, cuda_visible_devices: str | None) -> str:
+    """Why FAISS sees no GPU, and what to do, for a load error."""
+    if not gpu_build:
+        return (
+            f"this faiss {version} is a CPU-only build (faiss-cpu); install a GPU build in its "
+            "place (the [gpu] extra: faiss-gpu-cu12), or use KIND_CPU"
+        )
+    hidden = ""
+    if cuda_visible_devices is not None:
+        hidden = f"CUDA_VISIBLE_DEVICES={cuda_visible_devices!r}; "
+    return (
+        f"this faiss {version} is a GPU build, but CUDA reports no device ({hidden}no NVIDIA "
+        "driver, or no GPU visible to this process); use KIND_CPU, or KIND_AUTO to run on a GPU "
+        "only where there is one"
+    )
+
+
+def use_gpu(
+    num_gpus: int, instance_kind: str, listed: tuple[int, ...] = (), why_none: str = ""
+) -> bool:
     """Whether an instance runs on a GPU.
 
-    KIND_CPU never does; KIND_GPU must (an error without one); KIND_AUTO and KIND_MODEL do
-    when FAISS sees a GPU, as Triton places KIND_AUTO instances and as the ONNX Runtime backend
-    does.
+    KIND_CPU never does; KIND_GPU must (an error without one), and so must a KIND_MODEL group
+    that lists `gpus` (the index is sharded over them); KIND_AUTO and an unlisted KIND_MODEL
+    do when FAISS sees a GPU, as Triton places KIND_AUTO instances and as the ONNX Runtime
+    backend does. `why_none` (see `no_gpu_reason`) ends the error.
     """
     if instance_kind == "KIND_CPU":
         return False
-    if instance_kind == "KIND_GPU":
+    if instance_kind == "KIND_GPU" or (instance_kind == "KIND_MODEL" and listed):
         if num_gpus < 1:
+            asked = f"instance_group kind {instance_kind}"
+            if listed:
+                asked += f" gpus {list(listed)}"
             raise ConfigError(
-                "instance_group kind KIND_GPU needs a GPU, but FAISS sees none (install "
-                "faiss-gpu, the [gpu] extra, or use KIND_CPU)"
+                f"{asked} needs a GPU, but FAISS sees none: "
+                f"{why_none or 'install the [gpu] extra, or use KIND_CPU'}"
             )
         return True
     return num_gpus > 0
 
 
-def gpu_limit_reason(max_k: int, search: dict[str, int]) -> str:
+def gpu_limit_reason(max_k: int, search: dict[str, int], index_nprobe: int | None = None) -> str:
     """Why a GPU index cannot serve these settings ("" when it can): k and nprobe above what
-    FAISS's GPU k-selection supports."""
+    FAISS's GPU k-selection supports (`index_nprobe`: the nprobe the index file holds, which
+    serves when the config sets none)."""
     if max_k > GPU_MAX_K:
         return f"parameters.max_k {max_k} is more than the GPU's limit {GPU_MAX_K}"
     nprobe = search.get("nprobe", 0)
     if nprobe > GPU_MAX_NPROBE:
         return f"parameters.nprobe {nprobe} is more than the GPU's limit {GPU_MAX_NPROBE}"
+    if not nprobe and index_nprobe is not None and index_nprobe > GPU_MAX_NPROBE:
+        return (
+            f"the index's own nprobe {index_nprobe} is more than the GPU's limit "
+            f"{GPU_MAX_NPROBE}, expected parameters.nprobe <= {GPU_MAX_NPROBE}"
+        )
     return ""
+
+
+def listed_gpus(spec: ModelSpec, instance: int) -> tuple[int, ...]:
+    """The GPUs the instance group lists for one instance (none listed: ())."""
+    return spec.instance_gpus[instance] if instance < len(spec.instance_gpus) else ()
 
 
 def gpu_devices(spec: ModelSpec, instance: int, num_gpus: int) -> tuple[int, ...]:
     """The GPUs one instance's index goes to: what its instance group lists (several for a
     KIND_MODEL group: the index is sharded over them), else GPU `instance % num_gpus`."""
-    listed = spec.instance_gpus[instance] if instance < len(spec.instance_gpus) else ()
+    listed = listed_gpus(spec, instance)
     if not listed:
         return (instance % num_gpus,)
     missing = [g for g in listed if g >= num_gpus]
@@ -98,7 +140,9 @@ def faiss_reason(exc: BaseException) -> str:
 def import_faiss() -> Any:
     """The faiss module, or a ConfigError that says what to install."""
     # faiss logs six INFO lines about the CPU instructions it tried; keep warnings only
-    logging.getLogger("faiss.loader").setLevel(logging.WARNING)
+    # (faiss-gpu-cu12's wrapper loads the same code as `faiss._loader`)
+    for name in ("faiss.loader", "faiss._loader"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     try:
         import faiss
     except ImportError as exc:
@@ -340,8 +384,12 @@ class FaissBackend(Backend):
         }
         self._gpu_resources: Any = None
         self._space: Any = None  # a GpuParameterSpace on the GPU
+        listed = listed_gpus(spec, self.instance)
+        why_none = no_gpu_reason(
+            is_gpu_build(faiss), faiss.__version__, os.environ.get("CUDA_VISIBLE_DEVICES")
+        )
         try:
-            on_gpu = use_gpu(faiss.get_num_gpus(), spec.instance_kind)
+            on_gpu = use_gpu(faiss.get_num_gpus(), spec.instance_kind, listed, why_none)
         except ConfigError as exc:
             raise ConfigError(f"model '{spec.name}': {exc}") from None
         if on_gpu:
@@ -367,11 +415,11 @@ class FaissBackend(Backend):
         import faiss
 
         devices = gpu_devices(self.spec, self.instance, faiss.get_num_gpus())
-        reason = gpu_limit_reason(settings.max_k, settings.search)
+        reason = gpu_limit_reason(settings.max_k, settings.search, self._tunable.get("nprobe"))
         if not reason:
             resources = [faiss.StandardGpuResources() for _ in devices]
             try:
-                gpu_index = _clone_to_gpus(faiss, resources, devices, index)
+                gpu_index = clone_to_gpus(faiss, resources, devices, index)
                 apply_search_parameters(gpu_index, settings.search, faiss.GpuParameterSpace())
             except (RuntimeError, ValueError) as exc:
                 reason = faiss_reason(exc)
@@ -459,10 +507,32 @@ class FaissBackend(Backend):
         self.__dict__.pop("_gpu_resources", None)
 
 
-def _clone_to_gpus(faiss: Any, resources: list[Any], devices: tuple[int, ...], index: Any) -> Any:
-    """`index_cpu_to_gpu` on one GPU; on several, one shard per GPU."""
+def cpu_parts(faiss: Any, index: Any) -> list[str]:
+    """The parts of a cloned index that search on the CPU (their class names), looking through
+    shards, replicas, IDMap and pre-transform wrappers; [] when all of it is on GPUs."""
+    index = faiss.downcast_index(index)
+    if isinstance(index, getattr(faiss, "GpuIndex", ())):
+        return []
+    if isinstance(index, faiss.IndexShards | faiss.IndexReplicas):
+        return [part for i in range(index.count()) for part in cpu_parts(faiss, index.at(i))]
+    if isinstance(index, faiss.IndexIDMap | faiss.IndexPreTransform):
+        return cpu_parts(faiss, index.index)
+    return [type(index).__name__]
+
+
+def clone_to_gpus(faiss: Any, resources: list[Any], devices: tuple[int, ...], index: Any) -> Any:
+    """`index_cpu_to_gpu` on one GPU; on several, one shard per GPU. ValueError when part of
+    the result would search on the CPU: FAISS's multi-GPU cloner copies an index type it has no
+    GPU version of (HNSW, PQ, SQ8, ...) as a CPU index instead of failing."""
     if len(devices) == 1:
-        return faiss.index_cpu_to_gpu(resources[0], devices[0], index)
-    options = faiss.GpuMultipleClonerOptions()
-    options.shard = True
-    return faiss.index_cpu_to_gpu_multiple_py(resources, index, options, list(devices))
+        cloned = faiss.index_cpu_to_gpu(resources[0], devices[0], index)
+    else:
+        options = faiss.GpuMultipleClonerOptions()
+        options.shard = True
+        cloned = faiss.index_cpu_to_gpu_multiple_py(resources, index, options, list(devices))
+    left = sorted(set(cpu_parts(faiss, cloned)))
+    if left:
+        raise ValueError(
+            f"FAISS has no GPU version of {', '.join(left)} (it would search on the CPU)"
+        )
+    return cloned

@@ -1,5 +1,5 @@
 # Tachyon on a GPU host: CUDA runtime + cuDNN and the [gpu] extra (ONNX Runtime with the CUDA
-# and TensorRT execution providers, NVML metrics, faiss-gpu-cu12), plus the text and trace
+# and TensorRT execution providers, NVML metrics, faiss-gpu), plus the text and trace
 # extras; [faiss] brings tqdm for `tachyon index build`, and its faiss-cpu is swapped out.
 # Everything is CUDA 12 (onnxruntime-gpu < 1.27 matches the base; 1.27+ is CUDA 13). This
 # image is not verified on a GPU (see the README, GPU). The bundled
@@ -43,7 +43,7 @@ RUN python3 -m venv /opt/tachyon \
  && /opt/tachyon/bin/pip install "${WHEEL}[gpu,faiss,text,trace]" \
  && /opt/tachyon/bin/pip uninstall -y onnxruntime faiss-cpu \
  && /opt/tachyon/bin/pip install --force-reinstall --no-deps "onnxruntime-gpu>=1.19,<1.27" \
-      "faiss-gpu-cu12>=1.8" \
+      "faiss-gpu>=1.14.3" \
  && rm -rf /wheels
 COPY --from=build --chown=10001:10001 /models /models
 USER 10001

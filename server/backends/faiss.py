@@ -56,7 +56,7 @@ def no_gpu_reason(gpu_build: bool, version: str, cuda_visible_devices: str | Non
     if not gpu_build:
         return (
             f"this faiss {version} is a CPU-only build (faiss-cpu); install a GPU build in its "
-            "place (the [gpu] extra: faiss-gpu-cu12), or use KIND_CPU"
+            "place (the [gpu] extra: faiss-gpu), or use KIND_CPU"
         )
     hidden = ""
     if cuda_visible_devices is not None:

@@ -11,7 +11,7 @@ from pathlib import Path
 import onnxruntime as ort
 import pytest
 
-from server import gpus
+from server import extras, gpus
 from server.backends import _cudart
 from server.backends.ort_providers import (
     CPU,
@@ -431,3 +431,13 @@ def test_kind_gpu_on_a_host_without_a_gpu_is_unavailable_and_the_rest_serve(
     np.testing.assert_array_equal(client.infer("auto_identity", [data]).as_numpy("OUTPUT0"), x)
     client.close()
     assert "model 'auto_identity' instance 0 on CPUExecutionProvider\n" in server.log()
+
+
+def test_a_cpu_wheel_beside_its_gpu_build_is_named_with_the_fix() -> None:
+    # this venv holds onnxruntime and faiss-cpu only: no clash to report
+    assert extras.gpu_build_clash("onnxruntime") == ""
+    assert extras.gpu_build_clash("faiss-cpu", ("faiss-gpu", "faiss-gpu-cu12")) == ""
+    # an installed distribution standing in for the GPU build: the real metadata lookup
+    clash = extras.gpu_build_clash("onnxruntime", ("no-such-wheel", "numpy"))
+    assert clash.startswith("onnxruntime and numpy are both installed")
+    assert "pip uninstall -y onnxruntime && pip install --force-reinstall --no-deps numpy" in clash

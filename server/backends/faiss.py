@@ -41,6 +41,7 @@ QUERY, DISTANCES, IDS = "QUERY", "DISTANCES", "IDS"
 DEFAULT_K = 10
 GPU_MAX_K = 2048  # the largest k FAISS's GPU k-selection supports
 GPU_MAX_NPROBE = 2048  # GPU IVF indexes select the nprobe lists with the same k-selection
+FAISS_GPU_WHEELS = ("faiss-gpu", "faiss-gpu-cu12", "faiss-gpu-cuvs")
 METRICS = {"L2": "L2", "INNER_PRODUCT": "INNER_PRODUCT", "IP": "INNER_PRODUCT"}
 _OUTPUT_TYPES = {DISTANCES: DataType.FP32, IDS: DataType.INT64}
 _SEARCH_PARAMETERS = {"nprobe": "nprobe", "efSearch": "efSearch"}  # config key -> FAISS name
@@ -54,10 +55,10 @@ def is_gpu_build(faiss: Any) -> bool:
 def no_gpu_reason(gpu_build: bool, version: str, cuda_visible_devices: str | None) -> str:
     """Why FAISS sees no GPU, and what to do, for a load error."""
     if not gpu_build:
-        return (
-            f"this faiss {version} is a CPU-only build (faiss-cpu); install a GPU build in its "
-            "place (the [gpu] extra: faiss-gpu), or use KIND_CPU"
+        fix = extras.gpu_build_clash("faiss-cpu", FAISS_GPU_WHEELS) or (
+            "install a GPU build in its place (the [gpu] extra: faiss-gpu), or use KIND_CPU"
         )
+        return f"this faiss {version} is a CPU-only build (faiss-cpu); {fix}"
     hidden = ""
     if cuda_visible_devices is not None:
         hidden = f"CUDA_VISIBLE_DEVICES={cuda_visible_devices!r}; "

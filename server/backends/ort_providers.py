@@ -22,6 +22,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from server import extras
 from server.model_config import Accelerator, ConfigError, ModelSpec
 
 CPU, CUDA, TENSORRT = (
@@ -346,7 +347,7 @@ def plan_providers(
             raise ConfigError(
                 f"model '{spec.name}': instance_group kind KIND_GPU needs "
                 f"CUDAExecutionProvider, but ONNX Runtime offers only {', '.join(available)} "
-                "(install the [gpu] extra)"
+                f"({extras.gpu_build_clash('onnxruntime') or 'install the [gpu] extra'})"
             )
         raise ConfigError(
             f"model '{spec.name}': instance_group kind KIND_GPU needs a GPU, but this process "

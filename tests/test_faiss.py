@@ -14,9 +14,10 @@ import pytest
 
 faiss = pytest.importorskip("faiss")
 
-from server import index_build, model_config  # noqa: E402
+from server import extras, index_build, model_config  # noqa: E402
 from server.backends import factory  # noqa: E402
 from server.backends.faiss import (  # noqa: E402
+    FAISS_GPU_WHEELS,
     GPU_MAX_NPROBE,
     FaissBackend,
     apply_search_parameters,
@@ -310,8 +311,11 @@ def test_use_gpu() -> None:
 
 def test_no_gpu_reason_tells_a_cpu_build_from_a_gpu_build_without_a_device() -> None:
     cpu = no_gpu_reason(False, "1.15.1", None)
-    assert cpu.startswith("this faiss 1.15.1 is a CPU-only build (faiss-cpu)")
-    assert "[gpu] extra: faiss-gpu)" in cpu
+    assert cpu.startswith("this faiss 1.15.1 is a CPU-only build (faiss-cpu); ")
+    # a venv holding faiss-cpu and a GPU wheel (one `faiss` module) gets the step that fixes it
+    clash = extras.gpu_build_clash("faiss-cpu", FAISS_GPU_WHEELS)
+    assert cpu.endswith(clash or "install a GPU build in its place (the [gpu] extra: "
+                                 "faiss-gpu), or use KIND_CPU")
     gpu = no_gpu_reason(True, "1.14.1", "")
     assert gpu.startswith("this faiss 1.14.1 is a GPU build, but CUDA reports no device "
                           "(CUDA_VISIBLE_DEVICES=''; no NVIDIA driver")

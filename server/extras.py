@@ -25,26 +25,29 @@ def missing(what: str, extra: str, exc: ImportError) -> str:
 GPU_BUILDS = {"onnxruntime": "onnxruntime-gpu", "faiss-cpu": "faiss-gpu"}
 
 
-def installed(distribution: str) -> bool:
+def site_of(distribution: str) -> str:
+    """The folder a distribution is installed in ('' when it is not installed)."""
     from importlib import metadata
 
     try:
-        metadata.distribution(distribution)
+        return str(metadata.distribution(distribution).locate_file(""))
     except metadata.PackageNotFoundError:
-        return False
-    return True
+        return ""
 
 
 def gpu_build_clash(cpu_wheel: str, gpu_wheels: tuple[str, ...] = ()) -> str:
-    """What to do when a CPU wheel and its GPU build are both installed, else ''.
+    """What to do when a CPU wheel and its GPU build share one folder, else ''.
 
-    `[gpu]` beside the core brings both (onnxruntime is a core dependency), and they share one
-    module: 'onnxruntime and onnxruntime-gpu are both installed ...: pip uninstall ...'.
+    `[gpu]` beside the core brings both (onnxruntime is a core dependency), and they write the
+    same module: 'onnxruntime and onnxruntime-gpu are both installed ...: pip uninstall ...'.
+    In different folders (a venv's GPU build over the system's CPU one) the first on the path
+    wins whole, so that is no clash.
     """
-    if not installed(cpu_wheel):
+    site = site_of(cpu_wheel)
+    if not site:
         return ""
     for gpu_wheel in gpu_wheels or (GPU_BUILDS[cpu_wheel],):
-        if installed(gpu_wheel):
+        if site_of(gpu_wheel) == site:
             return (
                 f"{cpu_wheel} and {gpu_wheel} are both installed and write the same module, "
                 f"now the CPU build's: pip uninstall -y {cpu_wheel} && pip install "

@@ -434,10 +434,11 @@ def test_kind_gpu_on_a_host_without_a_gpu_is_unavailable_and_the_rest_serve(
 
 
 def test_a_cpu_wheel_beside_its_gpu_build_is_named_with_the_fix() -> None:
-    # this venv holds onnxruntime and faiss-cpu only: no clash to report
-    assert extras.gpu_build_clash("onnxruntime") == ""
-    assert extras.gpu_build_clash("faiss-cpu", ("faiss-gpu", "faiss-gpu-cu12")) == ""
-    # an installed distribution standing in for the GPU build: the real metadata lookup
+    assert extras.gpu_build_clash("onnxruntime", ("no-such-wheel",)) == ""
+    assert extras.gpu_build_clash("no-such-wheel", ("numpy",)) == ""
+    # a distribution installed in onnxruntime's folder stands in for the GPU build: the real
+    # metadata lookup (a GPU build in another folder, a venv over the system's, is no clash)
+    assert extras.site_of("numpy") == extras.site_of("onnxruntime") != ""
     clash = extras.gpu_build_clash("onnxruntime", ("no-such-wheel", "numpy"))
     assert clash.startswith("onnxruntime and numpy are both installed")
     assert "pip uninstall -y onnxruntime && pip install --force-reinstall --no-deps numpy" in clash

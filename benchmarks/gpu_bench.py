@@ -3,19 +3,27 @@ on and off, in-process ONNX Runtime beside it, FAISS Flat on GPU vs CPU; one run
 
     python benchmarks/gpu_bench.py            # on a GPU host (scripts/device-check runs it)
     python benchmarks/gpu_bench.py --cpu-only --seconds 1 --concurrency 1,8 --faiss-vectors 50000
+    ... [--client auto|h2load|python] [--h2load-threads 4] [--grpc-io-threads 4]
 
 1. MLP 784-1024-1024-10 FP32, single-sample gRPC requests (shape [1, 784]) at each
    concurrency, one `tachyon serve` process per device: batching on (max_batch_size 512,
-   dynamic batching) and off (max_batch_size 0); the client is this script's closed-loop
-   grpc.aio generator in 8 processes. Targets: CUDA at the highest concurrency >= 3x the CPU
-   server; batching on >= 10x off.
+   dynamic batching) and off (max_batch_size 0), both servers with the same
+   --grpc-io-threads. The client (--client auto: h2load when there is one) is h2load
+   (nghttp2's, C: `H2LOAD`, else the one on PATH) replaying one prebuilt gRPC frame on
+   connections x streams = c (the most connections up to 16 that divide c; threads at most
+   --h2load-threads), as benchmarks/native_request_path.py does,
+   or this script's closed-loop grpc.aio generator in 8 processes (far slower: on a fast
+   server it measures itself). Each point also reads the model's statistics: gRPC errors
+   (h2load counts an HTTP 200 with an error status as a success), rows per batch and how busy
+   the model instance was, which tell whether the model or the front end limits. Targets:
+   CUDA at the highest concurrency >= 3x the CPU server; batching on >= 10x off.
 2. In-process ONNX Runtime on the same model at batch 1 / 64 / 512 (CUDA EP with I/O binding
    and the CPU EP), the ceiling the server is measured against.
 3. FAISS IndexFlatL2 1M x 128, k=10, batches of 1,024 queries, on GPU vs CPU (when a GPU build
    of FAISS is there).
 Prints the command, the machine, medians of the repeats and the ratios; writes
-benchmarks/results/gpu-<stamp>.{json,md}. Needs no tritonclient (the client sends our own
-serialized ModelInferRequest).
+benchmarks/results/gpu-<stamp>.{json,md} (gpu-dryrun-* with --cpu-only). Needs no tritonclient
+(both clients send our own serialized ModelInferRequest).
 """
 
 from __future__ import annotations
@@ -25,40 +33,44 @@ import asyncio
 import json
 import multiprocessing as mp
 import os
+import re
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 import urllib.request
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tools"))
-sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from _harness import print_header  # noqa: E402
-from make_models import make_mlp  # noqa: E402
+from benchmarks._harness import ROOT, print_header
+from benchmarks.native_request_path import (
+    frame,
+    free_port,
+    h2load_output,
+    measured,
+    parse_h2load,
+)
+from tools.make_models import make_mlp
 
 METHOD = "/inference.GRPCInferenceService/ModelInfer"
 RESULTS = ROOT / "benchmarks" / "results"
 CLIENT_PROCESSES = 8
+WARMUP_S = 1.0  # both clients: h2load's --warm-up-time 1, the Python client's own
+H2_MAX_CONNECTIONS = 16
+REQUEST_TIME = re.compile(r"time for request:\s+\S+\s+\S+\s+(?P<mean>[\d.]+)(?P<unit>us|ms|s)\s")
+UNIT_MS = {"us": 1e-3, "ms": 1.0, "s": 1e3}
 
 
 # -- the server ----------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def write_repository(root: Path, mlp: Path, kind: str) -> Path:
@@ -83,11 +95,12 @@ def write_repository(root: Path, mlp: Path, kind: str) -> Path:
 class Server:
     """`tachyon serve` (python -m server.cli) on free ports, ready on entry."""
 
-    def __init__(self, repository: Path, log: Path) -> None:
+    def __init__(self, repository: Path, log: Path, io_threads: int) -> None:
         self.grpc, self.http = free_port(), free_port()
         self.command = [sys.executable, "-m", "server.cli", "serve", "--model-repository",
                         str(repository), "--host", "127.0.0.1", "--http-port", str(self.http),
-                        "--grpc-port", str(self.grpc), "--metrics-port", str(free_port())]
+                        "--grpc-port", str(self.grpc), "--metrics-port", str(free_port()),
+                        "--grpc-io-threads", str(io_threads)]
         self.log = log
 
     def __enter__(self) -> Server:
@@ -112,44 +125,92 @@ class Server:
             self.process.wait(60)
 
 
-# -- the client ----------------------------------------------------------------------------
+# -- the clients ---------------------------------------------------------------------------
 
 
-def request_bytes(model: str) -> bytes:
-    from server import proto
+@dataclass(frozen=True)
+class Client:
+    """What drives the served points: h2load (its path) or, with `h2load` None, the Python
+    grpc.aio client; a point is infer/s, mean request ms and `http_ok` (calls answered)."""
 
-    request = proto.ModelInferRequest(model_name=model)
-    tensor = request.inputs.add(name="INPUT0", datatype="FP32", shape=[1, 784])
-    assert tensor is not None
-    x = np.random.default_rng(0).standard_normal((1, 784), np.float32)
-    request.raw_input_contents.append(x.tobytes())
-    return bytes(request.SerializeToString())
+    h2load: str | None
+    max_threads: int
+
+    @property
+    def name(self) -> str:
+        if self.h2load is None:
+            return f"Python grpc.aio client, {CLIENT_PROCESSES} processes"
+        return f"h2load ({self.h2load}), at most {self.max_threads} threads"
+
+    def point(self, port: int, body: Path, concurrency: int, seconds: float) -> dict[str, float]:
+        if self.h2load is None:
+            return load(f"127.0.0.1:{port}", body.read_bytes()[5:], concurrency, seconds)
+        return h2load_point(self.h2load, self.max_threads, port, body, concurrency, seconds)
+
+
+def choose_client(choice: str, max_threads: int) -> Client:
+    """`--client`: python, h2load (`H2LOAD`, else PATH's; missing is an error) or auto (h2load
+    when there is one). An `H2LOAD` that names no executable is an error, never a fallback."""
+    if choice == "python":
+        return Client(None, max_threads)
+    named = os.environ.get("H2LOAD")
+    found = shutil.which(named) if named else shutil.which("h2load")
+    if named and found is None:
+        raise SystemExit(f"H2LOAD={named}: no such executable (unset it for PATH's h2load)")
+    if found is None and choice == "h2load":
+        raise SystemExit("--client h2load: no h2load on PATH (apt-get install nghttp2-client, or "
+                         "set H2LOAD)")
+    return Client(found, max_threads)
+
+
+def h2load_shape(concurrency: int) -> tuple[int, int]:
+    """Connections x streams making exactly `concurrency`, with the most connections up to 16."""
+    top = min(concurrency, H2_MAX_CONNECTIONS)
+    connections = max(n for n in range(1, top + 1) if concurrency % n == 0)
+    return connections, concurrency // connections
+
+
+def h2load_point(binary: str, max_threads: int, port: int, body: Path, concurrency: int,
+                 seconds: float) -> dict[str, float]:
+    connections, streams = h2load_shape(concurrency)
+    threads = min(connections, max_threads)
+    out = h2load_output(f"http://127.0.0.1:{port}{METHOD}", body, seconds, connections, streams,
+                        threads, binary)
+    point = parse_h2load(out)
+    mean = REQUEST_TIME.search(out)
+    if mean is None:
+        raise RuntimeError(f"no 'time for request' in h2load's output:\n{out}")
+    return {"rps": point["infer_per_s"], "mean_ms": float(mean["mean"]) * UNIT_MS[mean["unit"]],
+            "http_ok": point["http_ok"], "connections": connections, "streams": streams,
+            "threads": threads}
 
 
 async def _closed_loop(url: str, payload: bytes, workers: int, warmup: float,
                        seconds: float) -> tuple[list[float], int]:
+    """Latencies after the warm-up, and the calls answered (OK or a gRPC error), all told."""
     import grpc
 
     latencies: list[float] = []
-    errors = 0
+    answered = 0
     async with grpc.aio.insecure_channel(url) as channel:
         call = channel.unary_unary(METHOD)
         start = time.perf_counter()
         measure_from, stop = start + warmup, start + warmup + seconds
 
         async def worker() -> None:
-            nonlocal errors
+            nonlocal answered
             while (t0 := time.perf_counter()) < stop:
                 try:
                     await call(payload)
                 except grpc.RpcError:
-                    errors += 1
+                    answered += 1
                     continue
+                answered += 1
                 if t0 >= measure_from:
                     latencies.append(time.perf_counter() - t0)
 
         await asyncio.gather(*(worker() for _ in range(workers)))
-    return latencies, errors
+    return latencies, answered
 
 
 def _client_process(args: tuple[str, bytes, int, float, float], out: Any) -> None:
@@ -162,31 +223,34 @@ def _client_process(args: tuple[str, bytes, int, float, float], out: Any) -> Non
     out.put(asyncio.run(_closed_loop(*args)))
 
 
-def load(url: str, model: str, concurrency: int, seconds: float) -> dict[str, float]:
-    """Closed-loop single-sample requests; requests/s, p50 and p99 in ms."""
-    payload = request_bytes(model)
+def load(url: str, payload: bytes, concurrency: int, seconds: float) -> dict[str, float]:
+    """The Python client: closed-loop requests of `payload` (a serialized ModelInferRequest);
+    infer/s, mean, p50 and p99 ms, calls answered, and the loop's wall time (not the spawns')."""
     processes = min(CLIENT_PROCESSES, concurrency)
     shares = [concurrency // processes + (i < concurrency % processes) for i in range(processes)]
     queue: Any = mp.get_context("spawn").Queue()
     workers = [mp.get_context("spawn").Process(
-        target=_client_process, args=((url, payload, n, 1.0, seconds), queue)) for n in shares]
+        target=_client_process, args=((url, payload, n, WARMUP_S, seconds), queue))
+        for n in shares]
     for worker in workers:
         worker.start()
     latencies: list[float] = []
-    errors = 0
+    answered = 0
     for _ in workers:
-        found, failed = queue.get(timeout=seconds + 120)
+        found, calls = queue.get(timeout=seconds + 120)
         latencies += found
-        errors += failed
+        answered += calls
     for worker in workers:
         worker.join()
     latencies.sort()
     count = len(latencies)
     return {
         "rps": count / seconds,
+        "mean_ms": 1000 * sum(latencies) / count if count else 0.0,
         "p50_ms": 1000 * latencies[count // 2] if count else 0.0,
         "p99_ms": 1000 * latencies[min(count - 1, int(count * 0.99))] if count else 0.0,
-        "errors": errors,
+        "http_ok": answered,
+        "wall_s": WARMUP_S + seconds,
     }
 
 
@@ -228,7 +292,7 @@ def faiss_flat(vectors: int, seconds: float, gpu: bool) -> float | None:
     if gpu and faiss.get_num_gpus() == 0:
         return None
     rng = np.random.default_rng(2)
-    index = faiss.IndexFlatL2(128)
+    index: Any = faiss.IndexFlatL2(128)
     index.add(rng.standard_normal((vectors, 128), np.float32))
     if gpu:
         resources = faiss.StandardGpuResources()
@@ -245,21 +309,25 @@ def faiss_flat(vectors: int, seconds: float, gpu: bool) -> float | None:
 # -- the run -------------------------------------------------------------------------------
 
 
-def serve_points(repo: Path, log: Path, concurrencies: list[int], seconds: float,
+def serve_points(repo: Path, work: Path, client: Client, io_threads: int,
+                 concurrencies: list[int], seconds: float,
                  repeats: int) -> dict[str, dict[int, dict[str, float]]]:
     points: dict[str, dict[int, dict[str, float]]] = {}
-    with Server(repo, log) as server:
-        url = f"127.0.0.1:{server.grpc}"
+    with Server(repo, work / f"{repo.name}.log", io_threads) as server:
         for model in ("mlp_batch", "mlp_single"):
+            body = work / f"{model}.grpc"
+            body.write_bytes(frame(model, 784))
             points[model] = {}
             for concurrency in concurrencies:
-                runs = [load(url, model, concurrency, seconds) for _ in range(repeats)]
+                run = partial(client.point, server.grpc, body, concurrency, seconds)
+                runs = [measured(server.http, model, run) for _ in range(repeats)]
                 median = statistics.median(r["rps"] for r in runs)
                 best = min(runs, key=lambda r: abs(r["rps"] - median))
                 points[model][concurrency] = {**best, "rps": median}
                 print(f"  {repo.name} {model} c{concurrency}: {median:,.0f} infer/s, "
-                      f"p50 {best['p50_ms']:.2f} ms, p99 {best['p99_ms']:.2f} ms, "
-                      f"errors {best['errors']}", flush=True)
+                      f"gRPC errors {best['grpc_errors']:.0f}, mean {best['mean_ms']:.2f} ms, "
+                      f"{best['mean_batch_rows']:.1f} rows a batch, instance busy "
+                      f"{best['instance_busy']:.0%}", flush=True)
     return points
 
 
@@ -268,12 +336,22 @@ def main() -> int:
     parser.add_argument("--cpu-only", action="store_true",
                         help="no CUDA parts (a dry run of the script on a CPU host)")
     parser.add_argument("--concurrency", default="1,64,256")
-    parser.add_argument("--seconds", type=float, default=4.0)
+    parser.add_argument("--seconds", type=float, default=4.0,
+                        help="per point (h2load: whole seconds), after a 1 s warm-up")
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--batches", default="1,64,512")
     parser.add_argument("--faiss-vectors", type=int, default=1_000_000)
+    parser.add_argument("--client", choices=("auto", "h2load", "python"), default="auto",
+                        help="auto: h2load (H2LOAD, else PATH's) when there is one")
+    parser.add_argument("--h2load-threads", type=int, default=4,
+                        help="h2load's threads at most (never more than its connections)")
+    parser.add_argument("--grpc-io-threads", type=int, default=4,
+                        help="both servers' native gRPC I/O threads")
     args = parser.parse_args()
     machine = print_header()
+    client = choose_client(args.client, args.h2load_threads)
+    print(f"client: {client.name}; servers: --grpc-io-threads {args.grpc_io_threads}",
+          flush=True)
     import onnxruntime as ort
 
     cuda = "CUDAExecutionProvider" in ort.get_available_providers() and not args.cpu_only
@@ -285,13 +363,14 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="gpu-bench-"))
     mlp = make_mlp(work / "mlp.onnx")
     result: dict[str, Any] = {"machine": machine, "command": " ".join(sys.argv),
-                              "seconds": args.seconds, "repeats": args.repeats}
+                              "seconds": args.seconds, "repeats": args.repeats,
+                              "client": client.name, "grpc_io_threads": args.grpc_io_threads}
     devices = (["KIND_GPU"] if cuda else []) + ["KIND_CPU"]
     for kind in devices:
         print(f"served, {kind}:", flush=True)
         repo = write_repository(work / kind.lower(), mlp, kind)
-        result[kind] = serve_points(repo, work / f"{kind}.log", concurrencies, args.seconds,
-                                    args.repeats)
+        result[kind] = serve_points(repo, work, client, args.grpc_io_threads, concurrencies,
+                                    args.seconds, args.repeats)
     result["inprocess"] = {}
     for provider in (["CUDAExecutionProvider"] if cuda else []) + ["CPUExecutionProvider"]:
         result["inprocess"][provider] = {
@@ -313,33 +392,47 @@ def _ratio(a: float | None, b: float | None) -> str:
     return f"{a / b:.1f}x" if a and b else "n/a"
 
 
+def served_table(result: dict[str, Any]) -> list[str]:
+    lines = ["| server | model | c | infer/s | gRPC errors | mean ms | rows a batch | "
+             "instance busy |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for kind in ("KIND_GPU", "KIND_CPU"):
+        for model, points in result.get(kind, {}).items():
+            for c, p in points.items():
+                lines.append(f"| {kind} | {model} | {c} | {p['rps']:,.0f} | "
+                             f"{p['grpc_errors']:.0f} | {p['mean_ms']:.2f} | "
+                             f"{p['mean_batch_rows']:.1f} | {p['instance_busy']:.0%} |")
+    return lines
+
+
+def ratio_lines(result: dict[str, Any], top: int) -> list[str]:
+    def rps(kind: str, model: str) -> float:
+        return float(result[kind][model][top]["rps"])
+
+    lines = [f"Ratios at c{top} (client: {result['client']}):", ""]
+    if "KIND_GPU" in result:
+        lines.append(f"- CUDA server vs CPU server, batching on: "
+                     f"{_ratio(rps('KIND_GPU', 'mlp_batch'), rps('KIND_CPU', 'mlp_batch'))} "
+                     "(target >= 3x)")
+    for kind, name in (("KIND_GPU", "CUDA"), ("KIND_CPU", "CPU")):
+        if kind in result:
+            lines.append(f"- {name} server, batching on vs off: "
+                         f"{_ratio(rps(kind, 'mlp_batch'), rps(kind, 'mlp_single'))}"
+                         + (" (target >= 10x)" if kind == "KIND_GPU" else ""))
+    return lines
+
+
 def write_report(result: dict[str, Any], concurrencies: list[int], cuda: bool) -> None:
-    top = max(concurrencies)
-    cpu = result["KIND_CPU"]
     lines = [
         "# GPU benchmark" + ("" if cuda else " (CPU-only dry run: no GPU figures)"), "",
         f"- command: `{result['command']}`", f"- machine: {result['machine']}",
-        f"- {result['seconds']} s per point, median of {result['repeats']}; single-sample "
-        f"gRPC requests, {CLIENT_PROCESSES} client processes", "",
-        "| server | model | " + " | ".join(f"c{c} infer/s (p50 / p99 ms)" for c in concurrencies)
-        + " |", "| --- | --- |" + " --- |" * len(concurrencies),
+        f"- {result['seconds']} s per point after a 1 s warm-up, median of "
+        f"{result['repeats']}; single-sample gRPC requests; client: {result['client']}; "
+        f"servers: --grpc-io-threads {result['grpc_io_threads']}",
+        "- gRPC errors: calls answered that the model's statistics do not count as successes; "
+        "rows a batch and instance busy (compute over the point's wall time, warm-up included) "
+        "from the same statistics", "",
+        *served_table(result), "", *ratio_lines(result, max(concurrencies)),
     ]
-    for kind in ("KIND_GPU", "KIND_CPU"):
-        for model, points in result.get(kind, {}).items():
-            cells = [f"{p['rps']:,.0f} ({p['p50_ms']:.2f} / {p['p99_ms']:.2f})"
-                     for p in points.values()]
-            lines.append(f"| {kind} | {model} | " + " | ".join(cells) + " |")
-    lines += ["", "Ratios at the highest concurrency:", ""]
-    if cuda:
-        gpu = result["KIND_GPU"]
-        lines.append(f"- CUDA server vs CPU server, batching on, c{top}: "
-                     f"{_ratio(gpu['mlp_batch'][top]['rps'], cpu['mlp_batch'][top]['rps'])} "
-                     "(target >= 3x)")
-        lines.append(f"- CUDA server, batching on vs off, c{top}: "
-                     f"{_ratio(gpu['mlp_batch'][top]['rps'], gpu['mlp_single'][top]['rps'])} "
-                     "(target >= 10x)")
-    lines.append(f"- CPU server, batching on vs off, c{top}: "
-                 f"{_ratio(cpu['mlp_batch'][top]['rps'], cpu['mlp_single'][top]['rps'])}")
     lines += ["", "In-process ONNX Runtime (samples/s):", "", "| provider | "
               + " | ".join(f"batch {b}" for b in next(iter(result["inprocess"].values())))
               + " |", "| --- |" + " --- |" * len(next(iter(result["inprocess"].values())))]
@@ -357,7 +450,6 @@ def write_report(result: dict[str, Any], concurrencies: list[int], cuda: bool) -
     (RESULTS / f"{prefix}-{stamp}.md").write_text("\n".join(lines))
     print("\n".join(lines))
     print(f"wrote {RESULTS / f'{prefix}-{stamp}.md'}")
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -33,6 +33,8 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -102,18 +104,29 @@ def frame(model: str, width: int) -> bytes:
     return struct.pack(">BI", 0, len(body)) + body
 
 
-def h2load(port: int, body: Path, seconds: float) -> dict[str, float]:
-    streams = CONCURRENCY // H2_CONNECTIONS
-    command = ["h2load", "-c", str(H2_CONNECTIONS), "-m", str(streams), "-D", str(int(seconds)),
-               "--warm-up-time", "1", "-d", str(body), "-H", "content-type: application/grpc",
-               "-H", "te: trailers", f"http://127.0.0.1:{port}/inference.GRPCInferenceService/"
-               "ModelInfer"]
-    out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+def h2load_output(url: str, body: Path, seconds: float, connections: int, streams: int,
+                  threads: int = 1, binary: str = "h2load") -> str:
+    """h2load's report of `seconds` (whole) replaying the gRPC frame in `body` at `url`, after a
+    1 s warm-up, on `connections` x `streams` spread over `threads` threads."""
+    command = [binary, "-c", str(connections), "-m", str(streams), "-t", str(threads),
+               "-D", str(int(seconds)), "--warm-up-time", "1", "-d", str(body),
+               "-H", "content-type: application/grpc", "-H", "te: trailers", url]
+    return subprocess.run(command, capture_output=True, text=True, check=True).stdout
+
+
+def parse_h2load(out: str) -> dict[str, float]:
+    """Requests/s, requests done and HTTP successes (gRPC errors included) from h2load's report."""
     rate, done = H2LOAD.search(out), DONE.search(out)
     if rate is None or done is None:
         raise RuntimeError(f"unexpected h2load output:\n{out}")
     return {"infer_per_s": float(rate["rps"]), "done": float(done["done"]),
             "http_ok": float(done["ok"])}
+
+
+def h2load(port: int, body: Path, seconds: float) -> dict[str, float]:
+    url = f"http://127.0.0.1:{port}/inference.GRPCInferenceService/ModelInfer"
+    return parse_h2load(h2load_output(url, body, seconds, H2_CONNECTIONS,
+                                      CONCURRENCY // H2_CONNECTIONS))
 
 
 def perf_analyzer(port: int, model: str, seconds: float) -> float:
@@ -137,6 +150,24 @@ def counters(http: int, model: str) -> dict[str, float]:
             "executions": int(stats.get("execution_count", 0)), "infer_ns": infer_ns}
 
 
+def measured(http: int, model: str, run: Callable[[], dict[str, float]]) -> dict[str, float]:
+    """`run()`'s point with what the server's statistics say of it: `grpc_errors` (the point's
+    `http_ok` calls that the model did not count as successes), and what limits: rows per batch
+    and how busy the model instance was (compute time over the run's wall time, warm-up
+    included; the point's `wall_s` when it gives one, else the time `run()` took)."""
+    before = counters(http, model)
+    started = time.perf_counter()
+    point = run()
+    wall = point.pop("wall_s", time.perf_counter() - started)
+    time.sleep(0.5)  # the last answers' statistics
+    after = counters(http, model)
+    delta = {k: after[k] - before[k] for k in after}
+    point["grpc_errors"] = max(0.0, point["http_ok"] - delta["success"])
+    point["mean_batch_rows"] = delta["rows"] / max(delta["executions"], 1)
+    point["instance_busy"] = delta["infer_ns"] / 1e9 / wall
+    return point
+
+
 def measure_tachyon(repo: Path, native: bool, bodies: dict[str, Path], seconds: float,
                     io_threads: int = 1) -> dict[str, dict[str, float]]:
     http, grpc, metrics = free_port(), free_port(), free_port()
@@ -148,18 +179,7 @@ def measure_tachyon(repo: Path, native: bool, bodies: dict[str, Path], seconds: 
                  "--grpc-native-request-path", flag, "--grpc-io-threads", str(io_threads),
                  ready_model="mlp_fp32"):
         for model, body in bodies.items():
-            before = counters(http, model)
-            started = time.perf_counter()
-            point = h2load(grpc, body, seconds)
-            wall = time.perf_counter() - started
-            time.sleep(0.5)  # the last answers' statistics
-            after = counters(http, model)
-            delta = {k: after[k] - before[k] for k in after}
-            point["grpc_errors"] = max(0.0, point["http_ok"] - delta["success"])
-            # what limits: rows per batch, and how busy the model instance was (compute time
-            # over the h2load run's wall time, warm-up included)
-            point["mean_batch_rows"] = delta["rows"] / max(delta["executions"], 1)
-            point["instance_busy"] = delta["infer_ns"] / 1e9 / wall
+            point = measured(http, model, partial(h2load, grpc, body, seconds))
             point["perf_analyzer"] = perf_analyzer(grpc, model, seconds)
             points[model] = point
             print(f"  tachyon ({label}) {model}: h2load "

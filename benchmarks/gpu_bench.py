@@ -347,6 +347,8 @@ def main() -> int:
                         help="h2load's threads at most (never more than its connections)")
     parser.add_argument("--grpc-io-threads", type=int, default=4,
                         help="both servers' native gRPC I/O threads")
+    parser.add_argument("--results", type=Path, default=RESULTS,
+                        help="where gpu-*.{json,md} go (default benchmarks/results)")
     args = parser.parse_args()
     machine = print_header()
     client = choose_client(args.client, args.h2load_threads)
@@ -384,7 +386,7 @@ def main() -> int:
     }
     print(f"faiss Flat {args.faiss_vectors:,} x 128: {result['faiss']}", flush=True)
     shutil.rmtree(work, ignore_errors=True)
-    write_report(result, concurrencies, cuda)
+    write_report(result, concurrencies, cuda, args.results)
     return 0
 
 
@@ -421,7 +423,8 @@ def ratio_lines(result: dict[str, Any], top: int) -> list[str]:
     return lines
 
 
-def write_report(result: dict[str, Any], concurrencies: list[int], cuda: bool) -> None:
+def write_report(result: dict[str, Any], concurrencies: list[int], cuda: bool,
+                 results: Path) -> None:
     lines = [
         "# GPU benchmark" + ("" if cuda else " (CPU-only dry run: no GPU figures)"), "",
         f"- command: `{result['command']}`", f"- machine: {result['machine']}",
@@ -445,11 +448,11 @@ def write_report(result: dict[str, Any], concurrencies: list[int], cuda: bool) -
               f"{_ratio(faiss['gpu'], faiss['cpu'])}", ""]
     stamp = time.strftime("%Y%m%d-%H%M%S")
     prefix = "gpu" if cuda else "gpu-dryrun"
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{prefix}-{stamp}.json").write_text(json.dumps(result, indent=1, default=str))
-    (RESULTS / f"{prefix}-{stamp}.md").write_text("\n".join(lines))
+    results.mkdir(parents=True, exist_ok=True)
+    (results / f"{prefix}-{stamp}.json").write_text(json.dumps(result, indent=1, default=str))
+    (results / f"{prefix}-{stamp}.md").write_text("\n".join(lines))
     print("\n".join(lines))
-    print(f"wrote {RESULTS / f'{prefix}-{stamp}.md'}")
+    print(f"wrote {results / f'{prefix}-{stamp}.md'}")
 
 if __name__ == "__main__":
     sys.exit(main())

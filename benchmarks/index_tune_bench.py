@@ -37,17 +37,15 @@ from server.index_sweep import recall_per_query, search_timed  # noqa: E402
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from _harness import print_header  # noqa: E402
 
+sys.path.insert(0, str(ROOT / "tools"))
+import make_vectors  # noqa: E402
+
 DIM, K, NLIST, CLUSTERS, NOISE = 128, 10, 512, 4000, 0.7
 RUNS = 5
 
 
 def mixture(seed: int, rows: int) -> np.ndarray:
-    centres = np.random.default_rng(1234).standard_normal((CLUSTERS, DIM), dtype=np.float32)
-    rng = np.random.default_rng(seed)
-    points = rng.standard_normal((rows, DIM), dtype=np.float32)
-    points *= NOISE
-    points += centres[rng.integers(CLUSTERS, size=rows)]
-    return points
+    return make_vectors.mixture(seed, rows, DIM, CLUSTERS, NOISE)
 
 
 def median_qps(index: faiss.Index, queries: np.ndarray, threads: int) -> float:

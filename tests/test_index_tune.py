@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -22,20 +23,12 @@ from server import index_build, index_tune, model_config  # noqa: E402
 from server.cli import main  # noqa: E402
 from server.index_sweep import TuneError, grid, read_fvecs, recall_per_query  # noqa: E402
 from server.index_tune import TuneOptions  # noqa: E402
-from tests.conftest import BUNDLED, ServerFactory, repository_index, wait_for  # noqa: E402
+from tests.conftest import BUNDLED, ROOT, ServerFactory, repository_index, wait_for  # noqa: E402
+
+sys.path.insert(0, str(ROOT / "tools"))
+from make_vectors import mixture  # noqa: E402
 
 FAST = 0.02  # seconds of searching behind each queries/s figure: enough to check the plumbing
-
-
-def mixture(seed: int, rows: int, dim: int, clusters: int, noise: float = 0.8) -> np.ndarray:
-    """Points around `clusters` fixed centres (the same centres for every seed), overlapping
-    enough that an IVF index needs nprobe > 1 for high recall."""
-    centres = np.random.default_rng(1234).standard_normal((clusters, dim), dtype=np.float32)
-    rng = np.random.default_rng(seed)
-    points = rng.standard_normal((rows, dim), dtype=np.float32)
-    points *= noise
-    points += centres[rng.integers(clusters, size=rows)]
-    return points
 
 
 def build(tmp: Path, model: str, factory: str, rows: int, dim: int, clusters: int,

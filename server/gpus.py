@@ -31,15 +31,22 @@ def count_visible(cuda_visible_devices: str | None, physical: int) -> int:
     return seen
 
 
-def nvml() -> Any | None:
-    """pynvml, initialised, or None without nvidia-ml-py or a driver."""
+def load_nvml() -> tuple[Any | None, str]:
+    """(pynvml, initialised, and ''), or (None, why not: no nvidia-ml-py, no driver)."""
     try:
         import pynvml
 
         pynvml.nvmlInit()
-    except Exception:  # ImportError, or NVMLError without a driver
-        return None
-    return pynvml
+    except ImportError:
+        return None, "nvidia-ml-py is not installed"
+    except Exception as exc:  # NVMLError: no driver, no library
+        return None, f"NVML: {exc}"
+    return pynvml, ""
+
+
+def nvml() -> Any | None:
+    """pynvml, initialised, or None without nvidia-ml-py or a driver."""
+    return load_nvml()[0]
 
 
 @functools.cache
@@ -47,18 +54,15 @@ def _gpu_count() -> tuple[int, str]:
     """(GPUs this process may use, why none when 0): NVML's count with CUDA_VISIBLE_DEVICES
     applied, else (no nvidia-ml-py, no NVML library) the CUDA runtime's."""
     listed = os.environ.get("CUDA_VISIBLE_DEVICES")
-    try:
-        import pynvml
-
-        pynvml.nvmlInit()
-        physical = int(pynvml.nvmlDeviceGetCount())
-    except ImportError:
-        nvml_says = "nvidia-ml-py is not installed"
-    except Exception as exc:  # NVMLError: no driver, no library
-        nvml_says = f"NVML: {exc}"
-    else:
-        visible = count_visible(listed, physical)
-        return visible, f"NVML counts {physical} GPU(s), CUDA_VISIBLE_DEVICES={listed!r}"
+    lib, nvml_says = load_nvml()
+    if lib is not None:
+        try:
+            physical = int(lib.nvmlDeviceGetCount())
+        except Exception as exc:  # NVMLError
+            nvml_says = f"NVML: {exc}"
+        else:
+            visible = count_visible(listed, physical)
+            return visible, f"NVML counts {physical} GPU(s), CUDA_VISIBLE_DEVICES={listed!r}"
     from server.backends import _cudart  # ctypes only: imports without CUDA
 
     try:

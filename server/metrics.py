@@ -21,6 +21,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, disable_cre
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from server import gpus
 from server.cache import CacheTotals
 
 log = logging.getLogger(__name__)
@@ -246,16 +247,16 @@ class NativePathCollector(Collector):
 
 def _nvml() -> Any:
     """nvidia-ml-py when a GPU is present; None (with a log line) otherwise."""
+    lib, why = gpus.load_nvml()
     try:
-        import pynvml
-
-        pynvml.nvmlInit()
-        if pynvml.nvmlDeviceGetCount() == 0:
-            raise RuntimeError("no GPU")
-    except Exception as exc:
-        log.info("GPU metrics off: %s", exc)
+        if lib is not None and lib.nvmlDeviceGetCount() == 0:
+            why = "no GPU"
+    except Exception as exc:  # NVMLError
+        why = str(exc)
+    if why:
+        log.info("GPU metrics off: %s", why)
         return None
-    return pynvml
+    return lib
 
 
 def _gpu_metrics(nvml: Any) -> Iterable[GaugeMetricFamily]:
